@@ -1,0 +1,158 @@
+"""One Config dataclass for every setting, and experiments.json read into it.
+
+Precedence: dataclass defaults < experiments.json "defaults" < the experiment's entry < command line.
+
+    python config.py best          # print the resolved config of an experiment
+"""
+import dataclasses
+import difflib
+import json
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+EXPERIMENTS_FILE = Path(__file__).resolve().parent / "experiments.json"
+
+
+class UserError(Exception):
+    """A mistake the user can fix (bad config, missing data, bad checkpoint): shown as one line."""
+
+
+@dataclass
+class Config:
+    # data
+    dataset: str = "cifar100"      # "cifar100" or "synthetic" (generated, needs no download)
+    data_dir: str = ""             # "" -> env CIFAR100_ROOT, else ./data
+    download: bool = True          # fetch CIFAR-100 when missing and the network is there
+    subset: int = 0                # training images kept (stratified); 0 = all
+    augment: bool = True           # RandomCrop(32, padding=4) + horizontal flip
+    cutout: int = 0                # side of the square zeroed per training image; 0 = off
+    # model
+    blocks: list = field(default_factory=lambda: [3, 3, 3])
+    channels: list = field(default_factory=lambda: [64, 128, 256])
+    # optim
+    optimizer: str = "adam"        # "sgd" (momentum, nesterov), "adam" or "adamw"
+    lr: float = 0.002              # peak LR
+    momentum: float = 0.9          # SGD momentum, Adam beta1
+    nesterov: bool = True
+    weight_decay: float = 1e-4
+    label_smoothing: float = 0.0
+    batch_size: int = 128
+    epochs: int = 20
+    # schedule (stepped per iteration)
+    schedule: str = "constant"     # "constant", "cosine" or "onecycle"
+    warmup: float = 0.0            # fraction of all steps spent warming up linearly from 0
+    final_lr: float = 0.0          # fraction of lr reached at the end (cosine, onecycle)
+    # evaluation
+    ema: float = 0.0               # decay of an exponential moving average of weights; 0 = off
+    tta: bool = False              # average logits over the image and its horizontal flip
+    # system
+    device: str = "auto"           # "auto" (cuda if available), "cuda" or "cpu"
+    compile: str = "auto"          # "auto" (on for CUDA, off for CPU), "on" or "off"
+    seed: int = 0
+    deterministic: bool = False    # cudnn.deterministic + torch deterministic algorithms (slower)
+    log_every: int = 0             # a step line every N steps with an ETA; 0 = epoch lines only
+    # io
+    out_dir: str = "out"
+    name: str = ""                 # run name: files are <out_dir>/<name>.*
+    note: str = ""                 # measured result of the recipe (experiments.json only)
+
+
+CHOICES = {"dataset": ("cifar100", "synthetic"), "optimizer": ("sgd", "adam", "adamw"),
+           "schedule": ("constant", "cosine", "onecycle"), "device": ("auto", "cuda", "cpu"),
+           "compile": ("auto", "on", "off")}
+FIELD_TYPES = {f.name: type(f.default) if f.default is not dataclasses.MISSING else list
+               for f in dataclasses.fields(Config)}
+
+
+def suggest(key, known):
+    close = difflib.get_close_matches(key, known, n=1)
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+def check_value(key, value):
+    """Return value converted to the field's type, or raise UserError naming the key."""
+    if key not in FIELD_TYPES:
+        raise UserError(f"unknown config key '{key}'{suggest(key, FIELD_TYPES)}")
+    want = FIELD_TYPES[key]
+    if want is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if want is list:
+        ok = isinstance(value, list) and value and all(isinstance(v, int) and not isinstance(v, bool) for v in value)
+        if not ok:
+            raise UserError(f"config key '{key}' must be a non-empty list of integers, got {value!r}")
+    elif type(value) is not want:
+        raise UserError(f"config key '{key}' must be {want.__name__}, got {type(value).__name__} {value!r}")
+    if key in CHOICES and value not in CHOICES[key]:
+        raise UserError(f"config key '{key}' must be one of {', '.join(CHOICES[key])}, got {value!r}")
+    return value
+
+
+def validate(cfg):
+    """Reject impossible combinations and out-of-range values."""
+    positive = ["lr", "batch_size", "epochs"]
+    non_negative = ["weight_decay", "subset", "cutout", "momentum", "warmup", "final_lr", "log_every"]
+    for key in positive:
+        if getattr(cfg, key) <= 0:
+            raise UserError(f"config key '{key}' must be > 0, got {getattr(cfg, key)}")
+    for key in non_negative:
+        if getattr(cfg, key) < 0:
+            raise UserError(f"config key '{key}' must be >= 0, got {getattr(cfg, key)}")
+    for key in ["label_smoothing", "ema", "momentum", "warmup"]:
+        if not 0 <= getattr(cfg, key) < 1:
+            raise UserError(f"config key '{key}' must be in [0, 1), got {getattr(cfg, key)}")
+    if len(cfg.blocks) != len(cfg.channels):
+        raise UserError(f"config keys 'blocks' {cfg.blocks} and 'channels' {cfg.channels} must have the same length")
+    if min(cfg.blocks) < 1 or min(cfg.channels) < 1:
+        raise UserError("config keys 'blocks' and 'channels' must hold positive integers")
+    return cfg
+
+
+def read_experiments(path=EXPERIMENTS_FILE):
+    """experiments.json as a dict; malformed JSON is reported with its line and column."""
+    try:
+        text = Path(path).read_text()
+    except OSError as e:
+        raise UserError(f"cannot read {path}: {e.strerror}")
+    try:
+        doc = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path}: malformed JSON at line {e.lineno} column {e.colno}: {e.msg}")
+    if not isinstance(doc, dict) or not isinstance(doc.get("experiments"), dict):
+        raise UserError(f"{path}: expected an object with an \"experiments\" object")
+    return doc
+
+
+def parse_set(item):
+    """'key=value' from --set; the value is read as JSON where it parses (numbers, lists, true), else text."""
+    key, sep, raw = item.partition("=")
+    if not sep or not key:
+        raise UserError(f"--set expects key=value, got '{item}'")
+    try:
+        value = json.loads(raw)
+    except json.JSONDecodeError:
+        value = raw
+    if FIELD_TYPES.get(key.strip()) is str:
+        value = raw
+    return key.strip(), value
+
+
+def resolve(exp, overrides=(), path=EXPERIMENTS_FILE):
+    """The Config of experiment `exp` from experiments.json with `overrides` (key, value) pairs applied."""
+    doc = read_experiments(path)
+    experiments = doc["experiments"]
+    if exp not in experiments:
+        raise UserError(f"unknown experiment '{exp}'{suggest(exp, experiments)}; known: {', '.join(experiments)}")
+    values = {}
+    for source in (doc.get("defaults", {}), experiments[exp], dict(overrides)):
+        for key, value in source.items():
+            values[key] = check_value(key, value)
+    values.setdefault("name", exp)
+    return validate(Config(**values))
+
+
+if __name__ == "__main__":
+    try:
+        print(json.dumps(dataclasses.asdict(resolve(sys.argv[1] if len(sys.argv) > 1 else "best")), indent=2))
+    except UserError as e:
+        sys.exit(f"error: {e}")

@@ -1,0 +1,267 @@
+"""CIFAR-100 on the training device: loading, the fixed 45k/5k split, batched augmentation.
+
+    python data.py --data-dir ~/data            # the report's data section: sizes, balance, mean/std
+    python data.py --dataset synthetic --json   # the same on generated data; last line is JSON
+"""
+import argparse
+import json
+import os
+import pickle
+import socket
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from config import UserError
+
+MEAN = (0.5071, 0.4867, 0.4408)
+STD = (0.2675, 0.2565, 0.2761)
+SPLIT_SEED = 42                     # the validation split never depends on the training seed
+URL = "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz"
+MD5 = "eb9058c3a382ffc7106e4002c42a8d85"
+FILES = ("train", "test", "meta")
+
+
+def data_root(data_dir=""):
+    return Path(data_dir or os.environ.get("CIFAR100_ROOT") or "data").expanduser()
+
+
+def network_available(host="www.cs.toronto.edu", timeout=3.0):
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def fetch_cifar100(root, download=True):
+    """Path of root/cifar-100-python, downloaded (official md5) if missing and possible."""
+    folder = root / "cifar-100-python"
+    if all((folder / f).is_file() for f in FILES):
+        return folder
+    if download and network_available():
+        from torchvision.datasets.utils import download_and_extract_archive
+        print(f"downloading CIFAR-100 to {root} ...", flush=True)
+        download_and_extract_archive(URL, str(root), md5=MD5)
+        return folder
+    missing = ", ".join(f for f in FILES if not (folder / f).is_file())
+    raise UserError(f"CIFAR-100 not found: {folder} lacks {missing}. Put the extracted cifar-100-python/ folder "
+                    f"(from {URL}) in {root}, or point --data-dir or CIFAR100_ROOT at the folder holding it")
+
+
+def read_pickle(path):
+    try:
+        with open(path, "rb") as f:
+            return pickle.load(f, encoding="latin1")
+    except (OSError, EOFError, pickle.UnpicklingError, ValueError) as e:
+        raise UserError(f"{path} is unreadable or truncated ({type(e).__name__}: {e}); delete it and fetch the data again")
+
+
+def read_split(path):
+    """(images uint8 (N,3,32,32), fine labels int64 (N,)) from one official pickle."""
+    d = read_pickle(path)
+    try:
+        x = np.asarray(d["data"], dtype=np.uint8).reshape(-1, 3, 32, 32)
+        y = np.asarray(d["fine_labels"], dtype=np.int64)
+    except (KeyError, TypeError, ValueError) as e:
+        raise UserError(f"{path} is not a cifar-100-python pickle ({type(e).__name__}: {e})")
+    if len(x) != len(y):
+        raise UserError(f"{path} holds {len(x)} images but {len(y)} labels: truncated?")
+    return torch.from_numpy(x), torch.from_numpy(y)
+
+
+def stratified_split(labels, val_fraction=0.1, seed=SPLIT_SEED):
+    """(train_idx, val_idx): val_fraction of every class, drawn with a fixed seed."""
+    g = torch.Generator().manual_seed(seed)
+    train, val = [], []
+    for c in torch.unique(labels):
+        idx = torch.nonzero(labels == c).flatten()
+        idx = idx[torch.randperm(len(idx), generator=g)]
+        n_val = round(len(idx) * val_fraction)
+        val.append(idx[:n_val])
+        train.append(idx[n_val:])
+    return torch.cat(train).sort().values, torch.cat(val).sort().values
+
+
+def stratified_subset(idx, labels, n, seed=SPLIT_SEED):
+    """n of the indices idx, spread over the classes as evenly as possible."""
+    g = torch.Generator().manual_seed(seed)
+    idx = idx[torch.randperm(len(idx), generator=g)]
+    y = labels[idx]
+    rank = torch.zeros(len(idx), dtype=torch.long)     # position of each image within its class
+    for c in torch.unique(y):
+        mask = y == c
+        rank[mask] = torch.arange(int(mask.sum()))
+    order = torch.sort(rank, stable=True).indices
+    return idx[order[:n]].sort().values
+
+
+def load(cfg, device="cpu"):
+    """Dict of splits {train, val, test} -> (x uint8 on device, y int64 on device), plus class names."""
+    root = data_root(cfg.data_dir)
+    if cfg.dataset == "synthetic":
+        folder = root / "synthetic" / "cifar-100-python"
+        if not all((folder / f).is_file() for f in FILES):
+            write_synthetic(folder)
+    else:
+        folder = fetch_cifar100(root, cfg.download)
+    for f in FILES:
+        if not (folder / f).is_file():
+            raise UserError(f"{folder / f} is missing")
+    x, y = read_split(folder / "train")
+    train_idx, val_idx = stratified_split(y)
+    if cfg.subset:
+        train_idx = stratified_subset(train_idx, y, cfg.subset)
+    test_x, test_y = read_split(folder / "test")
+    classes = list(read_pickle(folder / "meta")["fine_label_names"])
+    splits = {"train": (x[train_idx], y[train_idx]), "val": (x[val_idx], y[val_idx]), "test": (test_x, test_y)}
+    out = {k: (a.to(device), b.to(device)) for k, (a, b) in splits.items()}
+    out["classes"] = classes
+    return out
+
+
+# ----------------------------------------------------------------------------
+# batches, computed on the device
+
+def normalize(x):
+    """uint8 (B,3,H,W) -> float normalised with the CIFAR-100 mean and std."""
+    mean = torch.tensor(MEAN, device=x.device).view(1, 3, 1, 1)
+    std = torch.tensor(STD, device=x.device).view(1, 3, 1, 1)
+    return (x.float() / 255 - mean) / std
+
+
+def crop_flip(x, g, pad=4):
+    """RandomCrop(32, padding=pad) + RandomHorizontalFlip, one draw per image, as one gather."""
+    n, c, h, w = x.shape
+    padded = F.pad(x, (pad, pad, pad, pad))
+    dy = torch.randint(0, 2 * pad + 1, (n, 1), generator=g, device=x.device)
+    dx = torch.randint(0, 2 * pad + 1, (n, 1), generator=g, device=x.device)
+    flip = torch.rand(n, 1, generator=g, device=x.device) < 0.5
+    rows = dy + torch.arange(h, device=x.device)
+    cols = dx + torch.arange(w, device=x.device)
+    cols = torch.where(flip, cols.flip(1), cols)
+    return padded[torch.arange(n, device=x.device)[:, None, None, None], torch.arange(c, device=x.device)[None, :, None, None],
+                  rows[:, None, :, None], cols[:, None, None, :]]
+
+
+def cutout(x, g, size):
+    """Zero one size x size square per image (centre uniform over the image, clipped at the border)."""
+    n, _, h, w = x.shape
+    cy = torch.randint(0, h, (n, 1, 1), generator=g, device=x.device)
+    cx = torch.randint(0, w, (n, 1, 1), generator=g, device=x.device)
+    ys = torch.arange(h, device=x.device).view(1, h, 1)
+    xs = torch.arange(w, device=x.device).view(1, 1, w)
+    inside = ((ys - cy).abs() <= size // 2) & ((xs - cx).abs() <= size // 2)
+    return x * ~inside[:, None]
+
+
+def train_batches(x, y, cfg, epoch, start=0):
+    """Yield the epoch's shuffled, augmented (x, y) batches from batch `start` on; the same for the same seed and epoch."""
+    g = torch.Generator(device=x.device).manual_seed(cfg.seed * 100_003 + epoch)
+    perm = torch.randperm(len(x), generator=g, device=x.device)
+    images = x[perm]
+    if cfg.augment:
+        images = crop_flip(images, g)
+    if cfg.cutout:
+        images = cutout(images, g, cfg.cutout)
+    labels = y[perm]
+    for i in range(start, steps_per_epoch(len(x), cfg.batch_size)):
+        s = slice(i * cfg.batch_size, (i + 1) * cfg.batch_size)
+        yield normalize(images[s]), labels[s]
+
+
+def steps_per_epoch(n, batch_size):
+    """Batches per epoch: partial last batch dropped, unless the split is smaller than one batch."""
+    return max(1, n // batch_size)
+
+
+def eval_batches(x, y, batch_size=1000):
+    for i in range(0, len(x), batch_size):
+        yield normalize(x[i:i + batch_size]), y[i:i + batch_size]
+
+
+# ----------------------------------------------------------------------------
+# generated data in the official layout, for tests and the offline demo
+
+def write_synthetic(folder, per_class_train=30, per_class_test=10, num_classes=100, seed=0):
+    """Write train/test/meta pickles in the cifar-100-python layout; each class is a noisy colour pattern."""
+    rng = np.random.default_rng(seed)
+    colours = rng.uniform(40, 215, (num_classes, 3, 1, 1))
+    freqs = rng.integers(1, 4, (num_classes, 2))
+    yy, xx = np.mgrid[0:32, 0:32] / 32
+
+    def images(n):
+        labels = np.repeat(np.arange(num_classes), n)
+        wave = np.sin(2 * np.pi * (freqs[labels, 0, None, None] * yy + freqs[labels, 1, None, None] * xx))
+        img = colours[labels] + 35 * wave[:, None] + rng.normal(0, 25, (len(labels), 3, 32, 32))
+        return np.clip(img, 0, 255).astype(np.uint8).reshape(len(labels), 3072), labels
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    fine_names = [f"class_{i:02d}" for i in range(num_classes)]
+    coarse_names = [f"superclass_{i:02d}" for i in range(20)]
+    for split, n in (("train", per_class_train), ("test", per_class_test)):
+        x, y = images(n)
+        d = {"filenames": [f"synthetic_{split}_{i}.png" for i in range(len(y))], "batch_label": f"synthetic {split}",
+             "fine_labels": y.tolist(), "coarse_labels": (y % 20).tolist(), "data": x}
+        atomic_pickle(d, folder / split)
+    atomic_pickle({"fine_label_names": fine_names, "coarse_label_names": coarse_names}, folder / "meta")
+    return folder
+
+
+def atomic_pickle(obj, path):
+    tmp = Path(f"{path}.{os.getpid()}.tmp")
+    with open(tmp, "wb") as f:
+        pickle.dump(obj, f)
+    os.replace(tmp, path)
+
+
+# ----------------------------------------------------------------------------
+# the report's data section as a command
+
+def describe(cfg, out_dir):
+    """Split sizes, class balance, train mean/std, and a PNG grid of augmented training images."""
+    from torchvision.utils import save_image
+    d = load(cfg)
+    stats = {}
+    for split in ("train", "val", "test"):
+        counts = torch.bincount(d[split][1], minlength=len(d["classes"]))
+        stats[split] = len(d[split][1])
+        stats[f"{split}_per_class"] = [int(counts.min()), int(counts.max())]
+    train = d["train"][0].float() / 255
+    stats["mean"] = [round(v, 4) for v in train.mean(dim=(0, 2, 3)).tolist()]
+    stats["std"] = [round(v, 4) for v in train.std(dim=(0, 2, 3)).tolist()]
+    x, _ = next(train_batches(*d["train"], cfg, epoch=0))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stats["samples_png"] = str(out_dir / f"{cfg.dataset}_samples.png")
+    save_image(x[:64] * torch.tensor(STD).view(1, 3, 1, 1) + torch.tensor(MEAN).view(1, 3, 1, 1), stats["samples_png"])
+    return stats
+
+
+def main():
+    from config import Config
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data-dir", default="", help="folder holding cifar-100-python/ (default: $CIFAR100_ROOT or ./data)")
+    p.add_argument("--dataset", default="cifar100", choices=["cifar100", "synthetic"])
+    p.add_argument("--out", default="out", help="where the sample grid PNG goes")
+    p.add_argument("--json", action="store_true", help="end with one line of JSON holding the figures")
+    args = p.parse_args()
+    cfg = Config(dataset=args.dataset, data_dir=args.data_dir, batch_size=64)
+    try:
+        stats = describe(cfg, Path(args.out))
+    except UserError as e:
+        sys.exit(f"error: {e}")
+    print(f"split sizes     train {stats['train']} | val {stats['val']} | test {stats['test']}")
+    for split in ("train", "val", "test"):
+        lo, hi = stats[f"{split}_per_class"]
+        print(f"images/class    {split:5s} min {lo} max {hi}")
+    print(f"train mean      {stats['mean']}\ntrain std       {stats['std']}\nsamples         {stats['samples_png']}")
+    if args.json:
+        print(json.dumps(stats))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,426 @@
+"""The training engine: one Config in, a trained model, an epoch CSV, checkpoints and a summary out.
+
+    from config import resolve; from engine import train
+    summary = train(resolve("smoke"))          # what run_train.py does
+"""
+import contextlib
+import copy
+import csv
+import fcntl
+import json
+import math
+import os
+import platform
+import signal
+import subprocess
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+import data
+from config import Config, UserError, check_value, validate
+from resnet import ResNet
+
+FORMAT_VERSION = 1
+PREEMPTED_EXIT = 75         # exit code after a stop signal: last.ckpt is saved, requeue and --resume
+CSV_COLUMNS = ["epoch", "lr", "train_loss", "train_acc", "val_loss", "val_acc", "val_top5",
+               "epoch_s", "img_per_s", "elapsed_s"]
+RESUMABLE_CHANGES = {"data_dir", "download", "device", "compile", "log_every", "out_dir", "note", "deterministic"}
+
+
+class Diverged(UserError):
+    """The training loss became NaN or infinite."""
+
+
+class Preempted(Exception):
+    """A stop signal arrived; last.ckpt holds the state to resume from."""
+
+
+# ----------------------------------------------------------------------------
+# system
+
+def setup(cfg):
+    """Seed everything, pick the device, set the cuDNN/TF32 flags; returns the torch.device."""
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda was asked for, but no CUDA GPU is visible")
+    device = torch.device("cuda" if cfg.device != "cpu" and torch.cuda.is_available() else "cpu")
+    torch.manual_seed(cfg.seed)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = not cfg.deterministic
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    if cfg.deterministic:      # note: slower; needed for bit-identical reruns on CUDA only
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.backends.cudnn.deterministic = True
+        torch.use_deterministic_algorithms(True)
+    return device
+
+
+def use_compile(cfg, device):
+    return cfg.compile == "on" or (cfg.compile == "auto" and device.type == "cuda")
+
+
+def autocast(device):
+    """bf16 autocast on CUDA (no GradScaler needed), plain fp32 on CPU."""
+    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
+
+
+def to_model_format(x):
+    return x.contiguous(memory_format=torch.channels_last) if x.is_cuda else x
+
+
+def versions():
+    """torch/CUDA versions, GPU name and git revision, stored with every run."""
+    try:
+        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                             cwd=Path(__file__).parent, timeout=5).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        rev = ""
+    return {"torch": str(torch.__version__), "cuda": torch.version.cuda, "python": platform.python_version(),
+            "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None, "git": rev or None}
+
+
+# ----------------------------------------------------------------------------
+# model, optimizer, schedule
+
+def build_model(cfg, num_classes=100, device="cpu"):
+    model = ResNet(cfg.blocks, cfg.channels, num_classes).to(device)
+    return model.to(memory_format=torch.channels_last) if torch.device(device).type == "cuda" else model
+
+
+def make_optimizer(model, cfg):
+    fused = {"fused": True} if next(model.parameters()).is_cuda else {}
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
+                               nesterov=cfg.nesterov and cfg.momentum > 0, **fused)
+    adam = torch.optim.AdamW if cfg.optimizer == "adamw" else torch.optim.Adam
+    return adam(model.parameters(), lr=cfg.lr, betas=(cfg.momentum, 0.999), weight_decay=cfg.weight_decay, **fused)
+
+
+def lr_at(step, total_steps, cfg):
+    """The LR of a global step: linear warmup, then constant, cosine or linear (one-cycle) decay to final_lr."""
+    warmup = int(cfg.warmup * total_steps)
+    if step < warmup:
+        return cfg.lr * (step + 1) / warmup
+    if cfg.schedule == "constant":
+        return cfg.lr
+    t = (step - warmup) / max(1, total_steps - warmup)
+    end = cfg.final_lr * cfg.lr
+    if cfg.schedule == "cosine":
+        return end + (cfg.lr - end) * 0.5 * (1 + math.cos(math.pi * t))
+    return cfg.lr + (end - cfg.lr) * t
+
+
+def train_step(model, opt, x, y, cfg, lr):
+    """One forward/backward/update; returns (loss, correct) as device tensors, no host sync."""
+    for group in opt.param_groups:
+        group["lr"] = lr
+    with autocast(x.device):
+        logits = model(to_model_format(x))
+    loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    return loss.detach(), (logits.argmax(1) == y).sum()
+
+
+# ----------------------------------------------------------------------------
+# evaluation
+
+@torch.no_grad()
+def predict(model, x, tta=False, batch_size=1000):
+    """Logits (float32) of every image in uint8 x, optionally averaged with the flipped image's."""
+    was_training = model.training
+    model.eval()
+    out = []
+    for xb, _ in data.eval_batches(x, x, batch_size):
+        xb = to_model_format(xb)
+        with autocast(xb.device):
+            logits = model(xb).float()
+            if tta:
+                logits = (logits + model(xb.flip(3)).float()) / 2
+        out.append(logits)
+    model.train(was_training)
+    return torch.cat(out)
+
+
+def metrics(logits, y):
+    """loss, top-1 and top-5 accuracy (fractions) of logits against labels."""
+    top5 = logits.topk(min(5, logits.shape[1]), dim=1).indices
+    return {"loss": F.cross_entropy(logits, y).item(), "acc": (top5[:, 0] == y).float().mean().item(),
+            "top5": (top5 == y[:, None]).any(1).float().mean().item()}
+
+
+def evaluate(model, x, y, tta=False):
+    return metrics(predict(model, x, tta), y)
+
+
+# ----------------------------------------------------------------------------
+# checkpoints and files
+
+def save_atomic(obj, path):
+    """torch.save to a temp file, fsync, rename: a crash leaves the old file or the new one, never half of one."""
+    path = Path(path)
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def write_json(obj, path):
+    path = Path(path)
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(obj, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path):
+    """A checkpoint dict, read with weights_only=True (no code runs); UserError if it is not a usable one."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"checkpoint {path} not found")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises many types for truncated, foreign or unsafe files
+        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()] or [type(e).__name__]
+        reason = next((ln for ln in lines if "WeightsUnpickler error" in ln), lines[0])
+        raise UserError(f"{path} is not a readable checkpoint: {reason[:200]}")
+    if not isinstance(ckpt, dict) or not {"model", "config", "format_version"} <= ckpt.keys():
+        raise UserError(f"{path} is not a checkpoint of this project (no model/config/format_version)")
+    if ckpt["format_version"] > FORMAT_VERSION:
+        raise UserError(f"{path} has checkpoint format {ckpt['format_version']}, newer than this code's "
+                        f"{FORMAT_VERSION}: update the code")
+    return ckpt
+
+
+def config_from(ckpt):
+    values = {k: check_value(k, v) for k, v in ckpt["config"].items()}
+    return validate(Config(**values))
+
+
+def model_from(ckpt, device="cpu"):
+    """The model a checkpoint describes, with its weights loaded."""
+    cfg = config_from(ckpt)
+    model = build_model(cfg, len(ckpt.get("classes") or []) or 100, device)
+    try:
+        model.load_state_dict(ckpt["model"])
+    except RuntimeError as e:
+        raise UserError(f"checkpoint weights do not fit blocks={cfg.blocks} channels={cfg.channels}: "
+                        f"{str(e).splitlines()[0]}")
+    return model
+
+
+def run_paths(cfg):
+    out = Path(cfg.out_dir)
+    return {k: out / f"{cfg.name}{suffix}" for k, suffix in
+            [("csv", ".csv"), ("best", ".ckpt"), ("last", ".last.ckpt"), ("summary", ".json"), ("lock", ".lock")]}
+
+
+@contextlib.contextmanager
+def run_lock(path):
+    """Hold an exclusive lock on path while the run lives; a second run of the same name is refused."""
+    try:
+        f = open(path, "a")
+    except OSError as e:
+        raise UserError(f"cannot write to {path.parent}: {e.strerror}")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.close()
+        raise UserError(f"another run is writing {path.with_suffix('')}.* (lock {path} is held); "
+                        f"wait for it or use another --out")
+    try:
+        yield
+    finally:
+        f.close()
+
+
+def open_csv(path, keep_epochs):
+    """The epoch CSV opened for appending, holding only the rows of epochs 1..keep_epochs."""
+    rows = []
+    if keep_epochs and path.exists():
+        with open(path, newline="") as f:
+            rows = [r for r in csv.DictReader(f) if r.get("epoch", "").isdigit() and int(r["epoch"]) <= keep_epochs]
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "w", newline="") as f:
+        w = csv.DictWriter(f, CSV_COLUMNS)
+        w.writeheader()
+        w.writerows(rows)
+    os.replace(tmp, path)
+    return open(path, "a", newline="")
+
+
+# ----------------------------------------------------------------------------
+# stop signals (SLURM preemption, time limits)
+
+stop_requested = []
+
+
+def request_stop(signum, frame):
+    """Only set a flag: the loop finishes its step, saves last.ckpt and exits with PREEMPTED_EXIT."""
+    stop_requested.append(signum)
+
+
+def install_stop_handlers():
+    for sig in (signal.SIGUSR1, signal.SIGTERM):
+        signal.signal(sig, request_stop)
+
+
+# ----------------------------------------------------------------------------
+# training
+
+def train(cfg, resume=False, log=print):
+    """Train cfg to the end (or to a stop signal); returns the summary dict also written to <name>.json."""
+    device = setup(cfg)
+    paths = run_paths(cfg)
+    try:
+        paths["csv"].parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot create output folder {paths['csv'].parent}: {e.strerror}")
+    with run_lock(paths["lock"]):
+        try:
+            return train_locked(cfg, device, paths, resume, log)
+        except torch.cuda.OutOfMemoryError:
+            raise UserError(f"out of GPU memory at batch_size {cfg.batch_size}: try --set batch_size="
+                            f"{max(1, cfg.batch_size // 2)} (checkpoints so far are kept)")
+
+
+def train_locked(cfg, device, paths, resume, log):
+    state = None
+    if resume and paths["last"].exists():
+        state = load_checkpoint(paths["last"])
+        changed = {k for k, v in state["config"].items() if getattr(cfg, k, None) != v} - RESUMABLE_CHANGES
+        if changed:
+            raise UserError(f"{paths['last']} was made with other settings ({', '.join(sorted(changed))}); "
+                            f"resume with the same config, or run without --resume to start again")
+        if state.get("finished") and paths["summary"].exists():
+            log(f"{cfg.name} already finished ({paths['last']}); nothing to do")
+            return json.loads(paths["summary"].read_text())
+    elif resume:
+        log(f"no {paths['last']} to resume from: starting from scratch")
+
+    d = data.load(cfg, device)
+    train_x, train_y = d["train"]
+    model = build_model(cfg, len(d["classes"]), device)
+    opt = make_optimizer(model, cfg)
+    ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema), use_buffers=True) if cfg.ema else None
+    eval_model = ema.module if ema else model
+    steps = data.steps_per_epoch(len(train_x), cfg.batch_size)
+    total_steps = steps * cfg.epochs
+    epoch, first_step, elapsed0 = 0, 0, 0.0
+    best = {"val_acc": -1.0, "epoch": 0}
+    sums = torch.zeros(3, device=device)        # loss sum, correct, seen of the epoch so far
+    if state:
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        if ema:
+            ema.load_state_dict(state["ema"])
+        torch.set_rng_state(state["rng"]["torch"])
+        epoch, first_step, elapsed0, best = state["epoch"], state["step_in_epoch"], state["elapsed_s"], state["best"]
+        sums = state["epoch_sums"].to(device)
+        log(f"resuming {cfg.name} at epoch {epoch + 1} step {first_step} from {paths['last']}")
+    else:
+        first_batch_loss = check_first_batch(model, train_x, train_y, cfg, log)
+    first_batch_loss = state["first_batch_loss"] if state else first_batch_loss
+    compiled = torch.compile(model) if use_compile(cfg, device) else model
+    csv_file = open_csv(paths["csv"], epoch)
+    writer = csv.DictWriter(csv_file, CSV_COLUMNS)
+    t_run = time.time()
+
+    def checkpoint(kind, **extra):
+        common = {"format_version": FORMAT_VERSION, "config": asdict(cfg), "classes": d["classes"],
+                  "versions": versions(), "first_batch_loss": first_batch_loss}
+        if kind == "best":
+            save_atomic({**common, "model": eval_model.state_dict(), **extra}, paths["best"])
+        else:
+            save_atomic({**common, "model": model.state_dict(), "optimizer": opt.state_dict(),
+                         "ema": ema.state_dict() if ema else None, "best": best,
+                         "elapsed_s": elapsed0 + time.time() - t_run, "rng": {"torch": torch.get_rng_state()},
+                         **extra}, paths["last"])
+
+    with csv_file:
+        while epoch < cfg.epochs:
+            t0 = time.time()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            lr = cfg.lr
+            for i, (x, y) in enumerate(data.train_batches(train_x, train_y, cfg, epoch, first_step), first_step):
+                lr = lr_at(epoch * steps + i, total_steps, cfg)
+                loss, correct = train_step(compiled, opt, x, y, cfg, lr)
+                sums[0] += loss * len(y)
+                sums[1] += correct
+                sums[2] += len(y)
+                if ema:
+                    ema.update_parameters(model)
+                if device.type == "cpu" or (i + 1) % 100 == 0 or i + 1 == steps:
+                    check_finite(loss, epoch, i, lr, paths)    # note: a host sync on CUDA, hence every 100 steps
+                if cfg.log_every and (i + 1) % cfg.log_every == 0:
+                    rate = (i + 1 - first_step) * cfg.batch_size / (time.time() - t0)
+                    eta = ((cfg.epochs - epoch) * steps - i - 1) * cfg.batch_size / rate
+                    log(f"  step {i + 1}/{steps} | loss {sums[0].item() / sums[2].item():.3f} | "
+                        f"{rate / 1000:.1f}k img/s | eta {eta:.0f}s")
+                if stop_requested:
+                    checkpoint("last", epoch=epoch, step_in_epoch=i + 1, epoch_sums=sums.cpu())
+                    raise Preempted(f"stop signal {stop_requested[0]}: saved {paths['last']} at epoch {epoch + 1} "
+                                    f"step {i + 1}; rerun with --resume")
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            epoch_s = time.time() - t0
+            val = evaluate(eval_model, *d["val"], tta=cfg.tta)
+            epoch += 1
+            train_loss, train_acc = (sums[:2] / sums[2]).tolist()
+            row = {"epoch": epoch, "lr": f"{lr:.6g}", "train_loss": f"{train_loss:.5f}", "train_acc": f"{train_acc:.5f}",
+                   "val_loss": f"{val['loss']:.5f}", "val_acc": f"{val['acc']:.5f}", "val_top5": f"{val['top5']:.5f}",
+                   "epoch_s": f"{epoch_s:.3f}", "img_per_s": f"{sums[2].item() / epoch_s:.1f}",
+                   "elapsed_s": f"{elapsed0 + time.time() - t_run:.3f}"}
+            writer.writerow(row)
+            csv_file.flush()
+            if val["acc"] > best["val_acc"]:
+                best = {"val_acc": val["acc"], "val_loss": val["loss"], "val_top5": val["top5"], "epoch": epoch}
+                checkpoint("best", epoch=epoch, metrics=best)
+            first_step = 0
+            sums = torch.zeros(3, device=device)
+            checkpoint("last", epoch=epoch, step_in_epoch=0, epoch_sums=sums.cpu(), finished=epoch == cfg.epochs)
+            log(f"ep {epoch}/{cfg.epochs} | train {train_loss:.3f} {100 * train_acc:.1f}% | val {val['loss']:.3f} "
+                f"{100 * val['acc']:.1f}% (best {100 * best['val_acc']:.1f}%) | lr {lr:.1e} | "
+                f"{epoch_s:.1f}s {float(row['img_per_s']) / 1000:.1f}k img/s")
+    return finish(cfg, d, paths, device, first_batch_loss, elapsed0 + time.time() - t_run, log)
+
+
+def check_first_batch(model, x, y, cfg, log):
+    """Loss of the first training batch before any update, on a copy (about ln(classes) when all is well)."""
+    probe = copy.deepcopy(model)
+    xb, yb = next(data.train_batches(x, y, cfg, epoch=0))
+    with torch.no_grad(), autocast(xb.device):
+        loss = F.cross_entropy(probe(to_model_format(xb)).float(), yb).item()
+    n_classes = model.fc.out_features
+    log(f"first-batch loss {loss:.3f} (expected about ln {n_classes} = {math.log(n_classes):.3f})")
+    return loss
+
+
+def check_finite(loss, epoch, step, lr, paths):
+    if not torch.isfinite(loss):
+        raise Diverged(f"loss is {loss.item()} at epoch {epoch + 1} step {step + 1} (lr {lr:.2e}): the learning rate "
+                       f"is likely too high; last good checkpoints kept in {paths['last'].parent}")
+
+
+def finish(cfg, d, paths, device, first_batch_loss, wall_s, log):
+    """Test the best checkpoint once, write the summary JSON, return it."""
+    best_ckpt = load_checkpoint(paths["best"])
+    best_model = model_from(best_ckpt, device)
+    test = evaluate(best_model, *d["test"], tta=cfg.tta)
+    with open(paths["csv"], newline="") as f:
+        train_s = sum(float(r["epoch_s"]) for r in csv.DictReader(f))
+    summary = {"name": cfg.name, "best_epoch": best_ckpt["epoch"], "best_val_acc": best_ckpt["metrics"]["val_acc"],
+               "test_loss": test["loss"], "test_acc": test["acc"], "test_top5": test["top5"],
+               "first_batch_loss": first_batch_loss, "params": best_model.num_params(),
+               "train_s": round(train_s, 3), "wall_s": round(wall_s, 3), "device": str(device),
+               "files": [str(paths[k]) for k in ("csv", "best", "last", "summary")],
+               "config": asdict(cfg), "versions": versions()}
+    write_json(summary, paths["summary"])
+    return summary

@@ -1,0 +1,50 @@
+"""The report's custom ResNet for 32x32 images.
+
+    python -c "from resnet import ResNet; print(ResNet([3,3,3], [64,128,256]).num_params())"
+"""
+import torch
+from torch import nn
+
+
+class BasicBlock(nn.Module):
+    """Two 3x3 conv + BN layers with an identity (or 1x1 conv + BN projection) shortcut."""
+
+    def __init__(self, c_in, c_out, stride):
+        super().__init__()
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(c_out)
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(c_out)
+        self.shortcut = nn.Identity()
+        if stride != 1 or c_in != c_out:
+            self.shortcut = nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride, bias=False), nn.BatchNorm2d(c_out))
+
+    def forward(self, x):
+        out = torch.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return torch.relu(out + self.shortcut(x))
+
+
+class ResNet(nn.Module):
+    """Stem conv, len(blocks) stages of BasicBlocks (stride 2 from the second stage), GAP, linear."""
+
+    def __init__(self, blocks, channels, num_classes=100):
+        super().__init__()
+        if len(blocks) != len(channels) or not blocks:
+            raise ValueError(f"blocks {blocks} and channels {channels} must be non-empty and of equal length")
+        self.stem = nn.Sequential(nn.Conv2d(3, channels[0], 3, 1, 1, bias=False),
+                                  nn.BatchNorm2d(channels[0]), nn.ReLU(inplace=True))
+        layers, c_in = [], channels[0]
+        for stage, (n, c) in enumerate(zip(blocks, channels)):
+            for i in range(n):
+                layers.append(BasicBlock(c_in, c, stride=2 if stage > 0 and i == 0 else 1))
+                c_in = c
+        self.layers = nn.Sequential(*layers)
+        self.fc = nn.Linear(c_in, num_classes)
+
+    def forward(self, x):
+        x = self.layers(self.stem(x))
+        return self.fc(x.mean(dim=(2, 3)))  # global average pooling (deterministic on CUDA)
+
+    def num_params(self):
+        return sum(p.numel() for p in self.parameters())

@@ -1,0 +1,66 @@
+"""Train one experiment from experiments.json.
+
+    python run_train.py --exp smoke                      # generated data, seconds on CPU
+    python run_train.py --exp best --data-dir ~/data     # the tuned recipe on CIFAR-100
+    python run_train.py --exp report --set lr=0.001 --epochs 5
+    python run_train.py --exp best --resume              # continue from out/best.last.ckpt
+"""
+import argparse
+import json
+import sys
+from dataclasses import asdict
+
+import config
+import engine
+
+
+def get_args_parser(add_help=True):
+    """Flags shared by run_train.py, run_lrfind.py and run_grid.py; each maps to a config key."""
+    p = argparse.ArgumentParser(add_help=add_help, description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override any config key (see config.py), e.g. --set lr=0.1 --set blocks=[2,2,2]")
+    p.add_argument("--epochs", type=int, help="number of epochs")
+    p.add_argument("--data-dir", help="folder holding cifar-100-python/ (default: $CIFAR100_ROOT or ./data)")
+    p.add_argument("--out", dest="out_dir", help="output folder (default: out)")
+    p.add_argument("--device", choices=["auto", "cuda", "cpu"])
+    p.add_argument("--compile", action="store_const", const="on", help="force torch.compile (default: on CUDA only)")
+    p.add_argument("--no-compile", dest="compile", action="store_const", const="off", help="never torch.compile")
+    p.add_argument("--seed", type=int, help="training seed (never changes the 45k/5k split)")
+    p.add_argument("--deterministic", action="store_const", const=True, help="deterministic kernels (slower)")
+    return p
+
+
+def overrides(args):
+    """(key, value) pairs from --set, then from the explicit flags, which win."""
+    pairs = [config.parse_set(item) for item in args.set]
+    for key in ("epochs", "data_dir", "out_dir", "device", "compile", "seed", "deterministic"):
+        if getattr(args, key, None) is not None:
+            pairs.append((key, getattr(args, key)))
+    return pairs
+
+
+def main():
+    p = argparse.ArgumentParser(parents=[get_args_parser(add_help=False)], description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--exp", default="best", help="experiment name in experiments.json (default: best)")
+    p.add_argument("--resume", action="store_true", help="continue from <out>/<exp>.last.ckpt if it exists")
+    args = p.parse_args()
+    try:
+        cfg = config.resolve(args.exp, overrides(args))
+        print(json.dumps(asdict(cfg)))
+        engine.install_stop_handlers()
+        s = engine.train(cfg, resume=args.resume)
+    except config.UserError as e:
+        sys.exit(f"error: {e}")
+    except engine.Preempted as e:
+        print(e, file=sys.stderr)
+        sys.exit(engine.PREEMPTED_EXIT)
+    print(f"done {s['name']} | best val {100 * s['best_val_acc']:.2f}% (epoch {s['best_epoch']}) | "
+          f"test {100 * s['test_acc']:.2f}% top5 {100 * s['test_top5']:.2f}% | params {s['params'] / 1e6:.2f}M | "
+          f"train {s['train_s']:.1f}s wall {s['wall_s']:.1f}s")
+    print("files: " + " ".join(s["files"]))
+
+
+if __name__ == "__main__":
+    main()
