@@ -238,6 +238,10 @@ def describe(cfg, out_dir):
     out_dir.mkdir(parents=True, exist_ok=True)
     stats["samples_png"] = str(out_dir / f"{cfg.dataset}_samples.png")
     save_image(x[:64] * torch.tensor(STD).view(1, 3, 1, 1) + torch.tensor(MEAN).view(1, 3, 1, 1), stats["samples_png"])
+    stats["json"] = str(out_dir / f"{cfg.dataset}.data.json")
+    tmp = Path(f"{stats['json']}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(stats, indent=2) + "\n")
+    os.replace(tmp, stats["json"])
     return stats
 
 
@@ -258,7 +262,8 @@ def main():
     for split in ("train", "val", "test"):
         lo, hi = stats[f"{split}_per_class"]
         print(f"images/class    {split:5s} min {lo} max {hi}")
-    print(f"train mean      {stats['mean']}\ntrain std       {stats['std']}\nsamples         {stats['samples_png']}")
+    print(f"train mean      {stats['mean']}\ntrain std       {stats['std']}")
+    print(f"files           {stats['samples_png']} {stats['json']}")
     if args.json:
         print(json.dumps(stats))
 

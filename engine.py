@@ -187,8 +187,8 @@ def load_checkpoint(path):
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises many types for truncated, foreign or unsafe files
-        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()] or [type(e).__name__]
-        reason = next((ln for ln in lines if "WeightsUnpickler error" in ln), lines[0])
+        text = str(e).split("WeightsUnpickler error:")[-1]    # torch's advice to drop weights_only is not ours
+        reason = next((ln.strip() for ln in text.splitlines() if ln.strip()), type(e).__name__)
         raise UserError(f"{path} is not a readable checkpoint: {reason[:200]}")
     if not isinstance(ckpt, dict) or not {"model", "config", "format_version"} <= ckpt.keys():
         raise UserError(f"{path} is not a checkpoint of this project (no model/config/format_version)")

@@ -1,0 +1,87 @@
+"""Evaluate a checkpoint on its own: loss, top-1, top-5, per-class accuracy and the two baselines.
+
+    python run_eval.py out/best.ckpt                 # test split, TTA as the run was configured
+    python run_eval.py out/best.ckpt --split val --no-tta
+    python run_eval.py out/smoke.ckpt --data-dir /tmp/data
+"""
+import argparse
+import csv
+import math
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+import data
+import engine
+from config import UserError
+
+
+def evaluate_checkpoint(path, split="test", tta=None, data_dir=None, device="auto"):
+    """Everything run_eval.py prints, as a dict; per-class accuracies under 'per_class'."""
+    ckpt = engine.load_checkpoint(path)
+    cfg = engine.config_from(ckpt)
+    cfg.device = device
+    if data_dir is not None:
+        cfg.data_dir = data_dir
+    tta = cfg.tta if tta is None else tta
+    device = engine.setup(cfg)
+    model = engine.model_from(ckpt, device)
+    d = data.load(cfg, device)
+    x, y = d[split]
+    logits = engine.predict(model, x, tta)
+    result = {"checkpoint": str(path), "name": cfg.name, "split": split, "tta": tta, "n": len(y),
+              **engine.metrics(logits, y), "epoch": ckpt.get("epoch"), "val_acc_at_save": ckpt.get("metrics", {}).get("val_acc")}
+    n_classes = len(d["classes"])
+    majority = torch.bincount(d["train"][1], minlength=n_classes).argmax()
+    result["baselines"] = {"majority_class": {"class": d["classes"][majority], "acc": (y == majority).float().mean().item()},
+                           "uniform_random": {"acc": 1 / n_classes, "loss": math.log(n_classes)}}
+    pred = logits.argmax(1)
+    counts = torch.bincount(y, minlength=n_classes)
+    hits = torch.bincount(y[pred == y], minlength=n_classes)
+    result["per_class"] = [{"class": i, "name": name, "n": int(counts[i]), "acc": (hits[i] / counts[i]).item() if counts[i] else ""}
+                           for i, name in enumerate(d["classes"])]
+    return result
+
+
+def write_outputs(result, folder):
+    """<name>.eval.json (test) or <name>.<split>.eval.json, and the matching .per_class.csv."""
+    stem = result["name"] if result["split"] == "test" else f"{result['name']}.{result['split']}"
+    json_path, csv_path = folder / f"{stem}.eval.json", folder / f"{stem}.per_class.csv"
+    engine.write_json({k: v for k, v in result.items() if k != "per_class"}, json_path)
+    tmp = csv_path.with_name(f"{csv_path.name}.{os.getpid()}.tmp")
+    with open(tmp, "w", newline="") as f:
+        w = csv.DictWriter(f, ["class", "name", "n", "acc"])
+        w.writeheader()
+        w.writerows(result["per_class"])
+    os.replace(tmp, csv_path)
+    return json_path, csv_path
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("checkpoint", type=Path, help="a .ckpt written by run_train.py")
+    p.add_argument("--split", default="test", choices=["test", "val"])
+    p.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None,
+                   help="average with horizontally flipped images (default: as the run was configured)")
+    p.add_argument("--data-dir", help="folder holding cifar-100-python/ (default: the run's, $CIFAR100_ROOT or ./data)")
+    p.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"])
+    args = p.parse_args()
+    try:
+        r = evaluate_checkpoint(args.checkpoint, args.split, args.tta, args.data_dir, args.device)
+        files = write_outputs(r, args.checkpoint.parent)
+    except UserError as e:
+        sys.exit(f"error: {e}")
+    print(f"{r['name']} epoch {r['epoch']} | {r['split']} n={r['n']} tta={r['tta']} | loss {r['loss']:.4f} | "
+          f"top-1 {100 * r['acc']:.2f}% | top-5 {100 * r['top5']:.2f}%")
+    b = r["baselines"]
+    print(f"baselines | majority class ({b['majority_class']['class']}) {100 * b['majority_class']['acc']:.2f}% | "
+          f"uniform random {100 * b['uniform_random']['acc']:.2f}% (loss {b['uniform_random']['loss']:.4f})")
+    worst = sorted((c for c in r["per_class"] if c["n"]), key=lambda c: c["acc"])
+    print("hardest classes: " + ", ".join(f"{c['name']} {100 * c['acc']:.0f}%" for c in worst[:5]))
+    print("files: " + " ".join(map(str, files)))
+
+
+if __name__ == "__main__":
+    main()
