@@ -1,0 +1,87 @@
+import pickle
+
+import pytest
+import torch
+
+import data
+from config import Config, UserError
+
+
+def labels(per_class, classes=100):
+    return torch.arange(classes).repeat_interleave(per_class)
+
+
+def test_split_is_45k_5k_stratified_disjoint_and_fixed():
+    y = labels(500)
+    torch.manual_seed(123)                      # the training seed must not matter
+    train, val = data.stratified_split(y)
+    torch.manual_seed(7)
+    train2, val2 = data.stratified_split(y)
+    assert (len(train), len(val)) == (45_000, 5_000)
+    assert torch.bincount(y[val]).tolist() == [50] * 100
+    assert not set(train.tolist()) & set(val.tolist())
+    assert torch.equal(val, val2) and torch.equal(train, train2)
+
+
+def test_split_keeps_ten_percent_for_any_size():
+    train, val = data.stratified_split(labels(30, classes=10))
+    assert (len(train), len(val)) == (270, 30)
+
+
+def test_subset_spreads_images_over_classes():
+    y = labels(45)
+    subset = data.stratified_subset(torch.arange(len(y)), y, 64)
+    assert len(subset) == 64 and len(set(y[subset].tolist())) == 64
+
+
+def test_load_reads_official_pickle_layout_into_uint8_tensors(tmp_path):
+    cfg = Config(dataset="synthetic", data_dir=str(tmp_path))
+    d = data.load(cfg)
+    x, y = d["train"]
+    assert x.dtype == torch.uint8 and x.shape == (2700, 3, 32, 32) and y.dtype == torch.int64
+    assert len(d["val"][1]) == 300 and len(d["test"][1]) == 1000 and len(d["classes"]) == 100
+    with open(tmp_path / "synthetic" / "cifar-100-python" / "train", "rb") as f:
+        raw = pickle.load(f, encoding="latin1")
+    assert {"data", "fine_labels", "coarse_labels", "filenames", "batch_label"} <= raw.keys()
+    assert raw["data"].shape == (3000, 3072)
+
+
+def is_crop_or_flipped_crop(img, source):
+    padded = torch.nn.functional.pad(source, (4, 4, 4, 4))
+    windows = [padded[:, dy:dy + 32, dx:dx + 32] for dy in range(9) for dx in range(9)]
+    return any(torch.equal(img, w) or torch.equal(img, w.flip(2)) for w in windows)
+
+
+def test_crop_flip_takes_a_window_of_the_zero_padded_image():
+    x = torch.randint(0, 256, (64, 3, 32, 32), dtype=torch.uint8)
+    out = data.crop_flip(x, torch.Generator().manual_seed(0))
+    assert out.shape == x.shape and out.dtype == torch.uint8
+    assert all(is_crop_or_flipped_crop(out[i], x[i]) for i in range(len(x)))
+    assert not torch.equal(out, x)
+
+
+def test_train_batches_vary_per_epoch_and_repeat_per_seed():
+    x = torch.randint(0, 256, (256, 3, 32, 32), dtype=torch.uint8)
+    y = torch.arange(256)
+    cfg = Config(batch_size=64)
+    (a, ya), (b, yb) = next(data.train_batches(x, y, cfg, 0)), next(data.train_batches(x, y, cfg, 0))
+    c, yc = next(data.train_batches(x, y, cfg, 1))
+    assert torch.equal(a, b) and torch.equal(ya, yb)
+    assert not torch.equal(ya, yc)
+    assert a.dtype == torch.float32 and a.shape == (64, 3, 32, 32)
+    mean, std = torch.tensor(data.MEAN).view(3, 1, 1), torch.tensor(data.STD).view(3, 1, 1)
+    pixels = ((a * std + mean) * 255).round().to(torch.uint8)     # y = arange: each label names its source image
+    assert all(is_crop_or_flipped_crop(pixels[i], x[ya[i]]) for i in range(8))
+    assert len(list(data.train_batches(x, y, cfg, 0))) == 4
+
+
+def test_missing_data_names_the_folder_and_where_to_get_it(tmp_path):
+    with pytest.raises(UserError, match="cifar-100-python.*lacks train, test, meta.*--data-dir"):
+        data.load(Config(data_dir=str(tmp_path), download=False))
+
+
+def test_truncated_pickle_is_a_clear_error(tmp_path):
+    folder = data.write_synthetic(tmp_path / "cifar-100-python", per_class_train=2, per_class_test=1)
+    (folder / "train").write_bytes((folder / "train").read_bytes()[:500])
+    with pytest.raises(UserError, match="truncated"):
+        data.load(Config(data_dir=str(tmp_path), download=False))

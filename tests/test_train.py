@@ -1,0 +1,121 @@
+import csv
+import json
+import math
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import config
+import engine
+
+ROOT = Path(__file__).resolve().parent.parent
+TIMING = {"epoch_s", "img_per_s", "elapsed_s"}
+
+
+def run(script, *args):
+    return subprocess.run([sys.executable, str(ROOT / script), *args], capture_output=True, text=True, cwd=ROOT)
+
+
+def smoke_cfg(tmp_path, **kw):
+    overrides = {"out_dir": str(tmp_path / "out"), "data_dir": str(tmp_path / "data"), "epochs": 3, **kw}
+    return config.resolve("smoke", overrides.items())
+
+
+def csv_rows(path, drop=TIMING):
+    with open(path, newline="") as f:
+        return [{k: v for k, v in r.items() if k not in drop} for r in csv.DictReader(f)]
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory):
+    """One `run_train.py --exp smoke` through the command line, shared by the tests below."""
+    tmp = tmp_path_factory.mktemp("smoke")
+    r = run("run_train.py", "--exp", "smoke", "--out", str(tmp / "out"), "--data-dir", str(tmp / "data"))
+    assert r.returncode == 0, r.stderr
+    return tmp, r, json.loads((tmp / "out" / "smoke.json").read_text())
+
+
+def test_smoke_run_writes_csv_checkpoints_and_summary(smoke_run):
+    tmp, r, summary = smoke_run
+    rows = csv_rows(tmp / "out" / "smoke.csv", drop=())
+    assert list(rows[0]) == engine.CSV_COLUMNS and [int(row["epoch"]) for row in rows] == [1, 2, 3, 4]
+    assert all((tmp / "out" / f"smoke{s}").is_file() for s in (".ckpt", ".last.ckpt", ".json"))
+    assert r.stdout.splitlines()[-2].startswith("done smoke | best val")
+
+
+def test_first_batch_loss_is_near_ln_100(smoke_run):
+    assert abs(smoke_run[2]["first_batch_loss"] - math.log(100)) < 0.5
+
+
+def test_a_few_epochs_lift_validation_accuracy_far_above_chance(smoke_run):
+    assert smoke_run[2]["best_val_acc"] > 0.30            # chance is 0.01
+
+
+def test_checkpoint_alone_reproduces_the_runs_accuracy(smoke_run):
+    tmp, _, summary = smoke_run
+    ckpt = tmp / "out" / "smoke.ckpt"
+    val = run("run_eval.py", str(ckpt), "--split", "val", "--data-dir", str(tmp / "data"))
+    assert val.returncode == 0, val.stderr
+    test = run("run_eval.py", str(ckpt), "--data-dir", str(tmp / "data"))
+    result = json.loads((tmp / "out" / "smoke.eval.json").read_text())
+    assert f"top-1 {100 * summary['best_val_acc']:.2f}%" in val.stdout
+    assert result["acc"] == pytest.approx(summary["test_acc"], abs=1e-9)
+    assert f"top-1 {100 * summary['test_acc']:.2f}%" in test.stdout
+    assert "majority class" in test.stdout and (tmp / "out" / "smoke.per_class.csv").is_file()
+
+
+def test_resume_from_last_checkpoint_matches_an_uninterrupted_run(tmp_path):
+    whole = engine.train(smoke_cfg(tmp_path / "a"), log=lambda s: None)
+
+    def stop_after_epoch_2(line):
+        if line.startswith("ep 2/"):
+            engine.stop_requested.append("test")
+    cfg = smoke_cfg(tmp_path / "b")
+    try:
+        with pytest.raises(engine.Preempted):
+            engine.train(cfg, log=stop_after_epoch_2)    # stops at the first step of epoch 3
+    finally:
+        engine.stop_requested.clear()
+    assert len(csv_rows(tmp_path / "b" / "out" / "smoke.csv")) == 2
+    resumed = engine.train(cfg, resume=True, log=lambda s: None)
+    assert csv_rows(tmp_path / "a" / "out" / "smoke.csv") == csv_rows(tmp_path / "b" / "out" / "smoke.csv")
+    assert (resumed["best_val_acc"], resumed["test_acc"], resumed["test_loss"]) == \
+        (whole["best_val_acc"], whole["test_acc"], whole["test_loss"])
+
+
+def test_lr_schedules_warm_up_and_decay_per_step():
+    cfg = config.Config(lr=1.0, schedule="onecycle", warmup=0.1, final_lr=0.0)
+    assert engine.lr_at(0, 100, cfg) == pytest.approx(0.1) and engine.lr_at(9, 100, cfg) == pytest.approx(1.0)
+    assert engine.lr_at(55, 100, cfg) == pytest.approx(0.5) and engine.lr_at(99, 100, cfg) < 0.02
+    cos = config.Config(lr=1.0, schedule="cosine")
+    assert engine.lr_at(0, 100, cos) == 1.0 and engine.lr_at(50, 100, cos) == pytest.approx(0.5)
+    assert engine.lr_at(77, 100, config.Config(lr=0.002)) == 0.002
+
+
+def test_config_precedence_and_compile_default():
+    cfg = config.resolve("report", [("lr", 0.01)])
+    assert (cfg.lr, cfg.optimizer, cfg.batch_size, cfg.epochs, cfg.name) == (0.01, "adam", 128, 20, "report")
+    assert not engine.use_compile(cfg, engine.torch.device("cpu"))
+    assert engine.use_compile(config.resolve("report", [("compile", "on")]), engine.torch.device("cpu"))
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--exp", "nope"], "unknown experiment 'nope'.*known: report"),
+    (["--exp", "smoke", "--set", "lr=-1"], "'lr' must be > 0"),
+    (["--exp", "smoke", "--set", "blocks=[1,1,1]"], "same length"),
+    (["--exp", "best", "--data-dir", "{tmp}/empty", "--set", "download=false"], "CIFAR-100 not found.*--data-dir"),
+])
+def test_bad_input_exits_nonzero_with_one_line(tmp_path, args, message):
+    r = run("run_train.py", "--out", str(tmp_path / "out"), *[a.format(tmp=tmp_path) for a in args])
+    assert r.returncode != 0 and len(r.stderr.strip().splitlines()) == 1
+    assert r.stderr.startswith("error: ") and re.search(message, r.stderr)
+
+
+def test_corrupt_checkpoint_exits_nonzero_with_one_line(tmp_path):
+    bad = tmp_path / "bad.ckpt"
+    bad.write_bytes(b"not a checkpoint at all")
+    r = run("run_eval.py", str(bad))
+    assert r.returncode != 0 and r.stderr.startswith("error: ") and len(r.stderr.strip().splitlines()) == 1
