@@ -1,0 +1,256 @@
+"""Write the study's report from what the runs left in out/: one Markdown file, PNG figures beside it.
+
+    python run_report.py --exp smoke --grid smoke_grid              # -> out/report.md (+ out/report_*.png)
+    python run_report.py --exp report best --compare report,best --grid report_grid -o out/study.md
+
+Figures need matplotlib (`pip install matplotlib`); without it the report keeps its tables.
+"""
+import argparse
+import csv
+import json
+import math
+import os
+import sys
+from pathlib import Path
+
+
+def read_csv(path):
+    if not path.is_file():
+        return None
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def read_json(path):
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def pct(x):
+    return f"{100 * float(x):.2f}%"
+
+
+def table(headers, rows):
+    return [f"| {' | '.join(headers)} |", f"|{' --- |' * len(headers)}"] + \
+           [f"| {' | '.join(str(v) for v in row)} |" for row in rows] + [""]
+
+
+def not_run(what, command):
+    return [f"Not run yet: {what}. Make it with `{command}`.", ""]
+
+
+def pyplot():
+    """matplotlib.pyplot on the Agg backend, or None when matplotlib is not installed."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    return plt
+
+
+# ----------------------------------------------------------------------------
+# figures (matplotlib only)
+
+def plot_curves(plt, rows, title, path):
+    """Loss and accuracy per epoch, train and validation, side by side."""
+    epochs = [int(r["epoch"]) for r in rows]
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
+    for ax, metric, label in ((ax_loss, "loss", "loss"), (ax_acc, "acc", "accuracy (%)")):
+        scale = 100 if metric == "acc" else 1
+        ax.plot(epochs, [scale * float(r[f"train_{metric}"]) for r in rows], label="train")
+        ax.plot(epochs, [scale * float(r[f"val_{metric}"]) for r in rows], label="validation")
+        style(ax, "epoch", label, f"{title}: {label}")
+    save(plt, fig, path)
+
+
+def plot_compare(plt, runs, path):
+    """Validation loss and accuracy of several runs overlaid."""
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
+    for name, rows in runs.items():
+        epochs = [int(r["epoch"]) for r in rows]
+        ax_loss.plot(epochs, [float(r["val_loss"]) for r in rows], label=name)
+        ax_acc.plot(epochs, [100 * float(r["val_acc"]) for r in rows], label=name)
+    style(ax_loss, "epoch", "validation loss", "validation loss")
+    style(ax_acc, "epoch", "validation accuracy (%)", "validation accuracy")
+    save(plt, fig, path)
+
+
+def plot_lrfind(plt, rows, info, path):
+    fig, ax = plt.subplots(figsize=(7, 4))
+    lrs = [float(r["lr"]) for r in rows]
+    ax.plot(lrs, [float(r["loss"]) for r in rows], alpha=0.3, label="loss")
+    ax.plot(lrs, [float(r["smooth_loss"]) for r in rows], label="smoothed loss")
+    ax.axvline(info["suggested_lr"], color="red", linestyle="--", label=f"suggested {info['suggested_lr']:.1e}")
+    ax.set_xscale("log")
+    style(ax, "learning rate (log scale)", "training loss", f"LR range test: {info['exp']}")
+    save(plt, fig, path)
+
+
+def plot_grid(plt, ranked, path):
+    fig, ax = plt.subplots(figsize=(8, 0.35 * len(ranked) + 1.5))
+    ax.barh([r["run"] for r in ranked][::-1], [100 * float(r["best_val_acc"]) for r in ranked][::-1])
+    ax.set(xlabel="best validation accuracy (%)", title="grid, ranked by validation accuracy")
+    ax.grid(axis="x", alpha=0.3)
+    save(plt, fig, path)
+
+
+def style(ax, xlabel, ylabel, title):
+    ax.set(xlabel=xlabel, ylabel=ylabel, title=title)
+    if xlabel == "epoch":
+        ax.xaxis.get_major_locator().set_params(integer=True)
+    ax.grid(alpha=0.3)
+    ax.legend()
+
+
+def save(plt, fig, path):
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# ----------------------------------------------------------------------------
+# sections
+
+def build(out, exps, grid, compare, report_path):
+    """The report's Markdown lines, in the report's order; figures are written beside report_path."""
+    plt = pyplot()
+    fig_dir, stem = report_path.parent, report_path.stem
+    summaries = {e: read_json(out / f"{e}.json") for e in exps}
+    first = exps[0]
+    dataset = (summaries[first] or {}).get("config", {}).get("dataset", "cifar100")
+    md = [f"# CIFAR-100 ResNet study: {', '.join(exps)}", "",
+          f"Written by `run_report.py` from the files in `{out}/`; every figure names the file it came from.", ""]
+    if plt is None:
+        md += ["Figures are left out: matplotlib is not installed (`pip install matplotlib`, then run this again).", ""]
+
+    def figure(name, caption, source, draw, *args):
+        if plt is not None:
+            path = fig_dir / f"{stem}_{name}.png"
+            draw(plt, *args, path)
+            md.extend([f"![{caption}]({path.name})", "", f"*{caption}* (from `{source}`)", ""])
+
+    md += ["## 1. Data", ""]
+    stats = read_json(out / f"{dataset}.data.json")
+    if stats:
+        md += table(["split", "images", "per class (min-max)"],
+                    [[s, stats[s], "-".join(map(str, stats[f"{s}_per_class"]))] for s in ("train", "val", "test")])
+        md += [f"Training split mean {stats['mean']}, std {stats['std']} (from `{out}/{dataset}.data.json`).", ""]
+        samples = Path(stats["samples_png"])
+        if samples.is_file():
+            md += [f"![augmented training images]({os.path.relpath(samples, fig_dir)})", "",
+                   f"*Augmented training images* (from `{samples}`)", ""]
+    else:
+        md += not_run("data statistics", f"python data.py --dataset {dataset} --out {out}")
+
+    md += ["## 2. Baselines", ""]
+    evals = {e: read_json(out / f"{e}.eval.json") for e in exps}
+    done = [e for e in exps if evals[e]]
+    if done:
+        b = evals[done[0]]["baselines"]
+        md += table(["predictor", f"{evals[done[0]]['split']} accuracy"],
+                    [[f"majority class ({b['majority_class']['class']})", pct(b["majority_class"]["acc"])],
+                     ["uniform random", pct(b["uniform_random"]["acc"])]] +
+                    [[f"model `{e}`", pct(evals[e]["acc"])] for e in done])
+        md += [f"(from `{out}/{done[0]}.eval.json`)", ""]
+    else:
+        md += not_run("baselines", f"python run_eval.py {out}/{first}.ckpt")
+
+    md += ["## 3. Model", ""]
+    rows = [[e, s["config"]["blocks"], s["config"]["channels"], f"{s['params']:,}"] for e, s in summaries.items() if s]
+    md += table(["run", "blocks", "channels", "parameters"], rows) + [f"(from `{out}/<run>.json`)", ""] if rows else \
+        not_run("training", f"python run_train.py --exp {first}")
+
+    md += ["## 4. First-batch loss", ""]
+    rows = [[e, f"{s['first_batch_loss']:.4f}", f"{math.log(100):.4f}"] for e, s in summaries.items() if s]
+    md += table(["run", "loss of the first batch, before any update", "ln 100"], rows) if rows else \
+        not_run("training", f"python run_train.py --exp {first}")
+
+    md += ["## 5. Overfitting 64 images", ""]
+    overfit = read_csv(out / "overfit64.csv")
+    if overfit:
+        last = overfit[-1]
+        md += [f"After {last['epoch']} epochs on 64 training images without augmentation: training loss "
+               f"{float(last['train_loss']):.4f}, training accuracy {pct(last['train_acc'])} (from `{out}/overfit64.csv`).", ""]
+        figure("overfit64", "overfit64: loss and accuracy", f"{out}/overfit64.csv", plot_curves, overfit, "overfit64")
+    else:
+        md += not_run("the overfit check", "python run_train.py --exp overfit64")
+
+    md += ["## 6. LR finder", ""]
+    for e in exps:
+        rows, info = read_csv(out / f"{e}.lrfind.csv"), read_json(out / f"{e}.lrfind.json")
+        if rows and info:
+            lo, hi = info["falling_range"]
+            md += [f"`{e}`: suggested LR (steepest descent) {info['suggested_lr']:.2e}; min-loss LR / 10 "
+                   f"{info['min_div10_lr']:.2e}; loss falls from {lo:.1e} to {hi:.1e} (from `{out}/{e}.lrfind.json`).", ""]
+            figure(f"lrfind_{e}", f"LR range test of {e}", f"{out}/{e}.lrfind.csv", plot_lrfind, rows, info)
+        else:
+            md += not_run(f"the LR finder for {e}", f"python run_lrfind.py --exp {e}")
+
+    md += ["## 7. Grid search", ""]
+    grid_rows = read_csv(out / f"{grid}.csv") if grid else None
+    if grid_rows:
+        ranked = sorted((r for r in grid_rows if r["best_val_acc"]), key=lambda r: -float(r["best_val_acc"]))
+        md += table(["rank", "run", "best val acc", "epoch", "params", "train s", "status"],
+                    [[i + 1, r["run"], pct(r["best_val_acc"]), r["best_epoch"], r["params"], r["train_s"], r["status"]]
+                     for i, r in enumerate(ranked)]) + [f"(from `{out}/{grid}.csv`)", ""]
+        figure(f"grid_{grid}", f"grid {grid} ranked", f"{out}/{grid}.csv", plot_grid, ranked)
+    else:
+        md += not_run("a grid", f"python run_grid.py --grid {grid or 'smoke_grid'}")
+
+    md += ["## 8. Training", ""]
+    logs = {e: read_csv(out / f"{e}.csv") for e in exps}
+    for e, rows in logs.items():
+        if rows:
+            best = max(rows, key=lambda r: float(r["val_acc"]))
+            md += [f"`{e}`: {len(rows)} epochs, best validation accuracy {pct(best['val_acc'])} at epoch {best['epoch']}, "
+                   f"final training loss {float(rows[-1]['train_loss']):.4f}, {float(rows[-1]['elapsed_s']):.1f} s in all "
+                   f"(from `{out}/{e}.csv`).", ""]
+            figure(f"curves_{e}", f"{e}: loss and accuracy", f"{out}/{e}.csv", plot_curves, rows, e)
+        else:
+            md += not_run(f"training of {e}", f"python run_train.py --exp {e}")
+
+    md += ["## 9. Comparisons", ""]
+    names = compare or (exps if len(exps) > 1 else [])
+    runs = {n: read_csv(out / f"{n}.csv") for n in names}
+    if len([r for r in runs.values() if r]) >= 2:
+        runs = {n: r for n, r in runs.items() if r}
+        md += table(["run", "best val acc", "final val loss"],
+                    [[n, pct(max(float(x["val_acc"]) for x in r)), f"{float(r[-1]['val_loss']):.4f}"] for n, r in runs.items()])
+        figure("compare", f"validation curves of {', '.join(runs)}", ", ".join(f"{out}/{n}.csv" for n in runs),
+               plot_compare, runs)
+    else:
+        md += not_run("two runs to compare", "python run_report.py --exp A B --compare A,B")
+
+    md += ["## 10. Test", ""]
+    rows = [[e, pct(evals[e]["acc"]), pct(evals[e]["top5"]), f"{evals[e]['loss']:.4f}", evals[e]["tta"], evals[e]["epoch"]]
+            for e in done]
+    md += table(["run", "test top-1", "test top-5", "test loss", "flip TTA", "epoch"], rows) + \
+        [f"(from `{out}/<run>.eval.json`)", ""] if rows else not_run("the test evaluation", f"python run_eval.py {out}/{first}.ckpt")
+    return md
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default="out", type=Path, help="folder the runs wrote to (default: out)")
+    p.add_argument("--exp", nargs="+", default=["best"], help="runs to report on (default: best)")
+    p.add_argument("--grid", help="grid whose summary <out>/<grid>.csv to rank")
+    p.add_argument("--compare", help="comma-separated runs whose validation curves to overlay")
+    p.add_argument("-o", dest="report", type=Path, help="Markdown file to write (default: <out>/report.md)")
+    args = p.parse_args(argv)
+    report = args.report or args.out / "report.md"
+    try:
+        report.parent.mkdir(parents=True, exist_ok=True)
+        md = build(args.out, args.exp, args.grid, args.compare.split(",") if args.compare else [], report)
+        tmp = report.with_name(f"{report.name}.{os.getpid()}.tmp")
+        tmp.write_text("\n".join(md))
+        os.replace(tmp, report)
+    except OSError as e:
+        sys.exit(f"error: cannot write {report}: {e.strerror}")
+    except (KeyError, ValueError, json.JSONDecodeError) as e:
+        sys.exit(f"error: a file in {args.out} is not in the expected format ({type(e).__name__}: {e})")
+    print(f"wrote {report} ({sum(line.startswith('## ') for line in md)} sections)")
+
+
+if __name__ == "__main__":
+    main()
