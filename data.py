@@ -4,6 +4,7 @@
     python data.py --dataset synthetic --json   # the same on generated data; last line is JSON
 """
 import argparse
+import functools
 import json
 import os
 import pickle
@@ -126,25 +127,28 @@ def load(cfg, device="cpu"):
 # ----------------------------------------------------------------------------
 # batches, computed on the device
 
+@functools.cache
+def scale_shift(device):
+    """(1 / (255 std), -mean / std) on the device, made once: a tensor built per batch would be a host sync on CUDA."""
+    mean, std = torch.tensor(MEAN).view(1, 3, 1, 1), torch.tensor(STD).view(1, 3, 1, 1)
+    return (1 / (255 * std)).to(device), (-mean / std).to(device)
+
+
 def normalize(x):
-    """uint8 (B,3,H,W) -> float normalised with the CIFAR-100 mean and std."""
-    mean = torch.tensor(MEAN, device=x.device).view(1, 3, 1, 1)
-    std = torch.tensor(STD, device=x.device).view(1, 3, 1, 1)
-    return (x.float() / 255 - mean) / std
+    """uint8 (B,3,H,W) -> float normalised with the CIFAR-100 mean and std, as one multiply-add."""
+    scale, shift = scale_shift(x.device)
+    return torch.addcmul(shift, x.float(), scale)
 
 
 def crop_flip(x, g, pad=4):
-    """RandomCrop(32, padding=pad) + RandomHorizontalFlip, one draw per image, as one gather."""
-    n, c, h, w = x.shape
-    padded = F.pad(x, (pad, pad, pad, pad))
-    dy = torch.randint(0, 2 * pad + 1, (n, 1), generator=g, device=x.device)
-    dx = torch.randint(0, 2 * pad + 1, (n, 1), generator=g, device=x.device)
-    flip = torch.rand(n, 1, generator=g, device=x.device) < 0.5
-    rows = dy + torch.arange(h, device=x.device)
-    cols = dx + torch.arange(w, device=x.device)
-    cols = torch.where(flip, cols.flip(1), cols)
-    return padded[torch.arange(n, device=x.device)[:, None, None, None], torch.arange(c, device=x.device)[None, :, None, None],
-                  rows[:, None, :, None], cols[:, None, None, :]]
+    """RandomCrop(32, padding=pad) + RandomHorizontalFlip, one draw per image: one indexed copy and one select."""
+    n, _, h, w = x.shape
+    dy = torch.randint(0, 2 * pad + 1, (n,), generator=g, device=x.device)
+    dx = torch.randint(0, 2 * pad + 1, (n,), generator=g, device=x.device)
+    flip = torch.rand(n, generator=g, device=x.device) < 0.5
+    windows = F.pad(x, (pad, pad, pad, pad)).unfold(2, h, 1).unfold(3, w, 1)    # (n, c, 2pad+1, 2pad+1, h, w) view
+    out = windows[torch.arange(n, device=x.device), :, dy, dx]
+    return torch.where(flip[:, None, None, None], out.flip(3), out)
 
 
 def cutout(x, g, size):
