@@ -48,7 +48,8 @@ class Config:
     tta: bool = False              # average logits over the image and its horizontal flip
     # system
     device: str = "auto"           # "auto" (cuda if available), "cuda" or "cpu"
-    compile: str = "auto"          # "auto" (on for CUDA, off for CPU), "on" or "off"
+    compile: str = "auto"          # "auto" (on for CUDA, off for CPU), "on", "off", or a torch.compile mode:
+                                   # "reduce-overhead" (CUDA graphs), "max-autotune-no-cudagraphs" (see bench.py)
     seed: int = 0
     deterministic: bool = False    # cudnn.deterministic + torch deterministic algorithms (slower)
     log_every: int = 0             # a step line every N steps with an ETA; 0 = epoch lines only
@@ -60,7 +61,7 @@ class Config:
 
 CHOICES = {"dataset": ("cifar100", "synthetic"), "optimizer": ("sgd", "adam", "adamw"),
            "schedule": ("constant", "cosine", "onecycle"), "device": ("auto", "cuda", "cpu"),
-           "compile": ("auto", "on", "off")}
+           "compile": ("auto", "on", "off", "reduce-overhead", "max-autotune-no-cudagraphs")}
 FIELD_TYPES = {f.name: type(f.default) if f.default is not dataclasses.MISSING else list
                for f in dataclasses.fields(Config)}
 

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+from torch.optim.swa_utils import AveragedModel
 
 import data
 from config import Config, UserError, check_value, validate
@@ -60,7 +60,25 @@ def setup(cfg):
 
 
 def use_compile(cfg, device):
-    return cfg.compile == "on" or (cfg.compile == "auto" and device.type == "cuda")
+    return cfg.compile not in ("auto", "off") or (cfg.compile == "auto" and device.type == "cuda")
+
+
+def compile_model(model, cfg):
+    """torch.compile for static shapes. Dynamo keys its graphs on the code, not the model object, so every later
+    model of the same shapes in this process (the warm-up copy, the next config of a grid) reuses them."""
+    torch._dynamo.config.cache_size_limit = 64     # note: past this many shapes dynamo silently runs eager (default 8)
+    mode = cfg.compile if cfg.compile in ("reduce-overhead", "max-autotune-no-cudagraphs") else None
+    return torch.compile(model, dynamic=False, mode=mode)
+
+
+def warm_up(model, cfg, x, y):
+    """Compile one training step on a throwaway copy; returns its seconds, so that training time excludes them."""
+    probe = copy.deepcopy(model)
+    t0 = time.time()
+    train_step(compile_model(probe, cfg), make_optimizer(probe, cfg), x, y, cfg, lr=0.0)
+    if x.is_cuda:
+        torch.cuda.synchronize()
+    return time.time() - t0
 
 
 def autocast(device):
@@ -125,6 +143,18 @@ def train_step(model, opt, x, y, cfg, lr):
     loss.backward()
     opt.step()
     return loss.detach(), (logits.argmax(1) == y).sum()
+
+
+@torch.no_grad()
+def update_ema(averaged, model, decay):
+    """averaged = decay * averaged + (1 - decay) * model, weights and BN statistics; unlike
+    AveragedModel.update_parameters, no host sync per step."""
+    pairs = list(zip(averaged.state_dict().values(), model.state_dict().values()))
+    floats = [(a, m) for a, m in pairs if a.is_floating_point()]
+    torch._foreach_lerp_([a for a, _ in floats], [m for _, m in floats], 1 - decay)
+    for a, m in pairs:
+        if not a.is_floating_point():
+            a.copy_(m)       # BN's num_batches_tracked
 
 
 # ----------------------------------------------------------------------------
@@ -308,7 +338,7 @@ def train_locked(cfg, device, paths, resume, log):
     train_x, train_y = d["train"]
     model = build_model(cfg, len(d["classes"]), device)
     opt = make_optimizer(model, cfg)
-    ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema), use_buffers=True) if cfg.ema else None
+    ema = AveragedModel(model, use_buffers=True) if cfg.ema else None     # updated by update_ema
     eval_model = ema.module if ema else model
     steps = data.steps_per_epoch(len(train_x), cfg.batch_size)
     total_steps = steps * cfg.epochs
@@ -327,10 +357,14 @@ def train_locked(cfg, device, paths, resume, log):
     else:
         first_batch_loss = check_first_batch(model, train_x, train_y, cfg, log)
     first_batch_loss = state["first_batch_loss"] if state else first_batch_loss
-    compiled = torch.compile(model) if use_compile(cfg, device) else model
+    t_run = time.time()
+    compiled, compile_s = model, 0.0
+    if use_compile(cfg, device):
+        compiled = compile_model(model, cfg)
+        compile_s = warm_up(model, cfg, *next(data.train_batches(train_x, train_y, cfg, epoch=0)))
+        log(f"compiled in {compile_s:.1f}s (kept apart from training time)")
     csv_file = open_csv(paths["csv"], epoch)
     writer = csv.DictWriter(csv_file, CSV_COLUMNS)
-    t_run = time.time()
 
     def checkpoint(kind, **extra):
         common = {"format_version": FORMAT_VERSION, "config": asdict(cfg), "classes": d["classes"],
@@ -356,7 +390,7 @@ def train_locked(cfg, device, paths, resume, log):
                 sums[1] += correct
                 sums[2] += len(y)
                 if ema:
-                    ema.update_parameters(model)
+                    update_ema(ema.module, model, cfg.ema)
                 if device.type == "cpu" or (i + 1) % 100 == 0 or i + 1 == steps:
                     check_finite(loss, epoch, i, lr, paths)    # note: a host sync on CUDA, hence every 100 steps
                 if cfg.log_every and (i + 1) % cfg.log_every == 0:
@@ -389,7 +423,7 @@ def train_locked(cfg, device, paths, resume, log):
             log(f"ep {epoch}/{cfg.epochs} | train {train_loss:.3f} {100 * train_acc:.1f}% | val {val['loss']:.3f} "
                 f"{100 * val['acc']:.1f}% (best {100 * best['val_acc']:.1f}%) | lr {lr:.1e} | "
                 f"{epoch_s:.1f}s {float(row['img_per_s']) / 1000:.1f}k img/s")
-    return finish(cfg, d, paths, device, first_batch_loss, elapsed0 + time.time() - t_run, log)
+    return finish(cfg, d, paths, device, first_batch_loss, elapsed0 + time.time() - t_run, log, compile_s)
 
 
 def check_first_batch(model, x, y, cfg, log):
@@ -409,7 +443,7 @@ def check_finite(loss, epoch, step, lr, paths):
                        f"is likely too high; last good checkpoints kept in {paths['last'].parent}")
 
 
-def finish(cfg, d, paths, device, first_batch_loss, wall_s, log):
+def finish(cfg, d, paths, device, first_batch_loss, wall_s, log, compile_s=0.0):
     """Test the best checkpoint once, write the summary JSON, return it."""
     best_ckpt = load_checkpoint(paths["best"])
     best_model = model_from(best_ckpt, device)
@@ -419,7 +453,8 @@ def finish(cfg, d, paths, device, first_batch_loss, wall_s, log):
     summary = {"name": cfg.name, "best_epoch": best_ckpt["epoch"], "best_val_acc": best_ckpt["metrics"]["val_acc"],
                "test_loss": test["loss"], "test_acc": test["acc"], "test_top5": test["top5"],
                "first_batch_loss": first_batch_loss, "params": best_model.num_params(),
-               "train_s": round(train_s, 3), "wall_s": round(wall_s, 3), "device": str(device),
+               "train_s": round(train_s, 3), "compile_s": round(compile_s, 3), "wall_s": round(wall_s, 3),
+               "device": str(device),
                "files": [str(paths[k]) for k in ("csv", "best", "last", "summary")],
                "config": asdict(cfg), "versions": versions()}
     write_json(summary, paths["summary"])

@@ -1,0 +1,68 @@
+import copy
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch._dynamo.utils import counters
+
+import config
+import engine
+from resnet import ResNet
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture
+def eager_compile(monkeypatch):
+    """torch.compile with dynamo's 'eager' backend: the same graph capture and guards, no code generation (fast)."""
+    real_compile = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda model, **kw: real_compile(model, backend="eager", dynamic=False))
+    torch._dynamo.reset()
+    counters.clear()
+    yield
+    torch._dynamo.reset()
+
+
+def tiny_cfg(tmp_path, **kw):
+    overrides = {"out_dir": str(tmp_path / "out"), "data_dir": str(tmp_path / "data"), "epochs": 1, "subset": 64,
+                 "blocks": [1], "channels": [8], "batch_size": 32, "compile": "on", **kw}
+    return config.resolve("smoke", overrides.items())
+
+
+def test_runs_of_the_same_shapes_compile_once_per_process(tmp_path, eager_compile):
+    first = engine.train(tiny_cfg(tmp_path, name="a"), log=lambda *_: None)
+    engine.train(tiny_cfg(tmp_path, name="b", lr=0.001, label_smoothing=0.1), log=lambda *_: None)
+    assert counters["stats"]["unique_graphs"] == 1          # the warm-up copy, run a and run b share one graph
+    engine.train(tiny_cfg(tmp_path, name="c", batch_size=16), log=lambda *_: None)
+    assert counters["stats"]["unique_graphs"] == 2          # a new batch shape compiles once more
+    assert first["compile_s"] > 0 and first["train_s"] > 0
+    ckpt = torch.load(tmp_path / "out" / "a.ckpt", weights_only=True)
+    assert not any(k.startswith("_orig_mod.") for k in ckpt["model"])
+
+
+def test_compile_modes_are_config_choices_and_off_means_eager():
+    cpu = torch.device("cpu")
+    for mode in ("on", "reduce-overhead", "max-autotune-no-cudagraphs"):
+        assert engine.use_compile(config.resolve("report", [("compile", mode)]), cpu)
+    assert not engine.use_compile(config.resolve("report", [("compile", "off")]), torch.device("cuda"))
+    with pytest.raises(config.UserError, match="'compile' must be one of"):
+        config.resolve("report", [("compile", "fast")])
+
+
+def test_ema_update_averages_weights_and_bn_statistics():
+    torch.manual_seed(0)
+    model = ResNet([1], [4], num_classes=3)
+    averaged = copy.deepcopy(model)
+    before = {k: v.clone() for k, v in averaged.state_dict().items()}
+    model(torch.randn(8, 3, 32, 32))                 # moves BN statistics and num_batches_tracked
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+    engine.update_ema(averaged, model, decay=0.9)
+    for k, v in averaged.state_dict().items():
+        current = model.state_dict()[k]
+        expected = 0.9 * before[k] + 0.1 * current if v.is_floating_point() else current
+        assert torch.allclose(v, expected, atol=1e-6), k
