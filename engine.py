@@ -10,10 +10,13 @@ import fcntl
 import json
 import math
 import os
+import pickle
 import platform
+import re
 import signal
 import subprocess
 import time
+import warnings
 from dataclasses import asdict
 from pathlib import Path
 
@@ -215,12 +218,20 @@ def load_checkpoint(path):
     if not path.is_file():
         raise UserError(f"checkpoint {path} not found")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # torch raises many types for truncated, foreign or unsafe files
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")    # torch warns about a pickle protocol before refusing it
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:        # weights_only met more than tensors and plain data
         text = str(e).split("WeightsUnpickler error:")[-1]    # torch's advice to drop weights_only is not ours
-        reason = next((ln.strip() for ln in text.splitlines() if ln.strip()), type(e).__name__)
-        raise UserError(f"{path} is not a readable checkpoint: {reason[:200]}")
-    if not isinstance(ckpt, dict) or not {"model", "config", "format_version"} <= ckpt.keys():
+        called = re.search(r"GLOBAL (\S+)", text)
+        what = (f"unpickling it would call {called[1].rstrip('.')}" if called else "it holds more than tensors and "
+                f"plain data ({next((ln.strip() for ln in text.splitlines() if ln.strip()), '')})")
+        raise UserError(f"refused {path}: {what}, which could run code; it was not loaded")
+    except Exception as e:  # torch raises many types for truncated or foreign files
+        reason = str(e).split(". ")[0] if isinstance(e, RuntimeError) else type(e).__name__
+        raise UserError(f"{path} is not a readable checkpoint (truncated, or not from torch.save): {reason[:200]}")
+    if not isinstance(ckpt, dict) or not {"model", "config", "format_version"} <= ckpt.keys() \
+            or not isinstance(ckpt["format_version"], int):
         raise UserError(f"{path} is not a checkpoint of this project (no model/config/format_version)")
     if ckpt["format_version"] > FORMAT_VERSION:
         raise UserError(f"{path} has checkpoint format {ckpt['format_version']}, newer than this code's "
@@ -313,6 +324,9 @@ def train(cfg, resume=False, log=print):
     except OSError as e:
         raise UserError(f"cannot create output folder {paths['csv'].parent}: {e.strerror}")
     with run_lock(paths["lock"]):
+        for key in ("csv", "best", "last", "summary"):    # half-written files of a run killed mid-write
+            for stale in paths[key].parent.glob(f"{paths[key].name}.*.tmp"):
+                stale.unlink()
         try:
             return train_locked(cfg, device, paths, resume, log)
         except torch.cuda.OutOfMemoryError:
@@ -439,8 +453,9 @@ def check_first_batch(model, x, y, cfg, log):
 
 def check_finite(loss, epoch, step, lr, paths):
     if not torch.isfinite(loss):
+        kept = f"last good checkpoints kept in {paths['last'].parent}" if paths["last"].exists() else "no checkpoint yet"
         raise Diverged(f"loss is {loss.item()} at epoch {epoch + 1} step {step + 1} (lr {lr:.2e}): the learning rate "
-                       f"is likely too high; last good checkpoints kept in {paths['last'].parent}")
+                       f"is likely too high; {kept}")
 
 
 def finish(cfg, d, paths, device, first_batch_loss, wall_s, log, compile_s=0.0):
