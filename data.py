@@ -135,19 +135,22 @@ def scale_shift(device):
 
 
 def normalize(x):
-    """uint8 (B,3,H,W) -> float normalised with the CIFAR-100 mean and std, as one multiply-add."""
+    """uint8 (B,3,H,W) -> float normalised with the CIFAR-100 mean and std, as one multiply and one add in place."""
     scale, shift = scale_shift(x.device)
-    return torch.addcmul(shift, x.float(), scale)
+    return x.float().mul_(scale).add_(shift)
 
 
-def crop_flip(x, g, pad=4):
-    """RandomCrop(32, padding=pad) + RandomHorizontalFlip, one draw per image: one indexed copy and one select."""
-    n, _, h, w = x.shape
+def crop_flip(x, g, order=None, pad=4):
+    """RandomCrop(32, padding=pad) + RandomHorizontalFlip of the images x[order] (default: all of x), one draw per
+    image: one indexed copy (which also does the shuffle) and one select."""
+    _, _, h, w = x.shape
+    order = torch.arange(len(x), device=x.device) if order is None else order
+    n = len(order)
     dy = torch.randint(0, 2 * pad + 1, (n,), generator=g, device=x.device)
     dx = torch.randint(0, 2 * pad + 1, (n,), generator=g, device=x.device)
     flip = torch.rand(n, generator=g, device=x.device) < 0.5
-    windows = F.pad(x, (pad, pad, pad, pad)).unfold(2, h, 1).unfold(3, w, 1)    # (n, c, 2pad+1, 2pad+1, h, w) view
-    out = windows[torch.arange(n, device=x.device), :, dy, dx]
+    windows = F.pad(x, (pad, pad, pad, pad)).unfold(2, h, 1).unfold(3, w, 1)    # (N, c, 2pad+1, 2pad+1, h, w) view
+    out = windows[order, :, dy, dx]
     return torch.where(flip[:, None, None, None], out.flip(3), out)
 
 
@@ -166,9 +169,7 @@ def train_batches(x, y, cfg, epoch, start=0):
     """Yield the epoch's shuffled, augmented (x, y) batches from batch `start` on; the same for the same seed and epoch."""
     g = torch.Generator(device=x.device).manual_seed(cfg.seed * 100_003 + epoch)
     perm = torch.randperm(len(x), generator=g, device=x.device)
-    images = x[perm]
-    if cfg.augment:
-        images = crop_flip(images, g)
+    images = crop_flip(x, g, perm) if cfg.augment else x[perm]
     if cfg.cutout:
         images = cutout(images, g, cfg.cutout)
     labels = y[perm]
