@@ -7,6 +7,7 @@ Precedence: dataclass defaults < experiments.json "defaults" < the experiment's 
 import dataclasses
 import difflib
 import json
+import math
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -84,6 +85,8 @@ def check_value(key, value):
             raise UserError(f"config key '{key}' must be a non-empty list of integers, got {value!r}")
     elif type(value) is not want:
         raise UserError(f"config key '{key}' must be {want.__name__}, got {type(value).__name__} {value!r}")
+    if want is float and not math.isfinite(value):
+        raise UserError(f"config key '{key}' must be a finite number, got {value!r}")
     if key in CHOICES and value not in CHOICES[key]:
         raise UserError(f"config key '{key}' must be one of {', '.join(CHOICES[key])}, got {value!r}")
     return value
@@ -119,8 +122,9 @@ def read_experiments(path=EXPERIMENTS_FILE):
         doc = json.loads(text)
     except json.JSONDecodeError as e:
         raise UserError(f"{path}: malformed JSON at line {e.lineno} column {e.colno}: {e.msg}")
-    if not isinstance(doc, dict) or not isinstance(doc.get("experiments"), dict):
-        raise UserError(f"{path}: expected an object with an \"experiments\" object")
+    if not isinstance(doc, dict) or not isinstance(doc.get("experiments"), dict) or not all(
+            isinstance(v, dict) for v in [doc.get("defaults", {}), *doc["experiments"].values()]):
+        raise UserError(f"{path}: expected {{\"defaults\": {{...}}, \"experiments\": {{\"<name>\": {{...}}}}}}")
     return doc
 
 

@@ -198,18 +198,24 @@ def save_atomic(obj, path):
     """torch.save to a temp file, fsync, rename: a crash leaves the old file or the new one, never half of one."""
     path = Path(path)
     tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:                   # after a failed write (full disk) no half file stays behind
+        tmp.unlink(missing_ok=True)
 
 
 def write_json(obj, path):
     path = Path(path)
     tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(json.dumps(obj, indent=2) + "\n")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def load_checkpoint(path):
@@ -248,12 +254,16 @@ def model_from(ckpt, device="cpu"):
     """The model a checkpoint describes, with its weights loaded."""
     cfg = config_from(ckpt)
     model = build_model(cfg, len(ckpt.get("classes") or []) or 100, device)
+    load_weights(model, ckpt["model"], cfg)
+    return model
+
+
+def load_weights(model, state_dict, cfg):
     try:
-        model.load_state_dict(ckpt["model"])
+        model.load_state_dict(state_dict)
     except RuntimeError as e:
         raise UserError(f"checkpoint weights do not fit blocks={cfg.blocks} channels={cfg.channels}: "
                         f"{str(e).splitlines()[0]}")
-    return model
 
 
 def run_paths(cfg):
@@ -332,12 +342,16 @@ def train(cfg, resume=False, log=print):
         except torch.cuda.OutOfMemoryError:
             raise UserError(f"out of GPU memory at batch_size {cfg.batch_size}: try --set batch_size="
                             f"{max(1, cfg.batch_size // 2)} (checkpoints so far are kept)")
+        except OSError as e:   # a full disk or a folder gone read-only: the files written before are kept
+            raise UserError(f"cannot write to {paths['csv'].parent}: {e.strerror or e}")
 
 
 def train_locked(cfg, device, paths, resume, log):
     state = None
     if resume and paths["last"].exists():
         state = load_checkpoint(paths["last"])
+        if not {"optimizer", "rng", "epoch_sums"} <= state.keys():
+            raise UserError(f"{paths['last']} holds no training state (optimizer, RNG): it is not a .last.ckpt")
         changed = {k for k, v in state["config"].items() if getattr(cfg, k, None) != v} - RESUMABLE_CHANGES
         if changed:
             raise UserError(f"{paths['last']} was made with other settings ({', '.join(sorted(changed))}); "
@@ -360,7 +374,7 @@ def train_locked(cfg, device, paths, resume, log):
     best = {"val_acc": -1.0, "epoch": 0}
     sums = torch.zeros(3, device=device)        # loss sum, correct, seen of the epoch so far
     if state:
-        model.load_state_dict(state["model"])
+        load_weights(model, state["model"], cfg)
         opt.load_state_dict(state["optimizer"])
         if ema:
             ema.load_state_dict(state["ema"])

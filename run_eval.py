@@ -51,11 +51,14 @@ def write_outputs(result, folder):
     json_path, csv_path = folder / f"{stem}.eval.json", folder / f"{stem}.per_class.csv"
     engine.write_json({k: v for k, v in result.items() if k != "per_class"}, json_path)
     tmp = csv_path.with_name(f"{csv_path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w", newline="") as f:
-        w = csv.DictWriter(f, ["class", "name", "n", "acc"])
-        w.writeheader()
-        w.writerows(result["per_class"])
-    os.replace(tmp, csv_path)
+    try:
+        with open(tmp, "w", newline="") as f:
+            w = csv.DictWriter(f, ["class", "name", "n", "acc"])
+            w.writeheader()
+            w.writerows(result["per_class"])
+        os.replace(tmp, csv_path)
+    finally:
+        tmp.unlink(missing_ok=True)
     return json_path, csv_path
 
 
@@ -73,6 +76,8 @@ def main():
         files = write_outputs(r, args.checkpoint.parent)
     except UserError as e:
         sys.exit(f"error: {e}")
+    except OSError as e:       # a read-only or full folder beside the checkpoint
+        sys.exit(f"error: cannot write {e.filename2 or e.filename}: {e.strerror}")
     print(f"{r['name']} epoch {r['epoch']} | {r['split']} n={r['n']} tta={r['tta']} | loss {r['loss']:.4f} | "
           f"top-1 {100 * r['acc']:.2f}% | top-5 {100 * r['top5']:.2f}%")
     b = r["baselines"]

@@ -45,9 +45,11 @@ def main():
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--exp", default="best", help="experiment name in experiments.json (default: best)")
     p.add_argument("--resume", action="store_true", help="continue from <out>/<exp>.last.ckpt if it exists")
+    p.add_argument("--experiments", default=config.EXPERIMENTS_FILE, metavar="FILE",
+                   help="the experiments file to read --exp from (default: experiments.json beside this script)")
     args = p.parse_args()
     try:
-        cfg = config.resolve(args.exp, overrides(args))
+        cfg = config.resolve(args.exp, overrides(args), args.experiments)
         print(json.dumps(asdict(cfg)))
         engine.install_stop_handlers()
         s = engine.train(cfg, resume=args.resume)

@@ -1,4 +1,5 @@
 """Faults: SIGKILL at any moment, determinism, NaN loss, unsafe checkpoints, two runs at once, CUDA out-of-memory."""
+import errno
 import json
 import os
 import pickle
@@ -237,6 +238,24 @@ def test_second_run_into_the_same_out_is_refused_and_leaves_the_first_alone(data
     assert first.wait() == 0
     assert (tmp_path / "smoke.csv").read_text().startswith(rows_then)
     assert [r["epoch"] for r in csv_rows(tmp_path / "smoke.csv")] == ["1", "2", "3"]
+
+
+def test_full_disk_during_a_checkpoint_write_is_one_line_and_keeps_the_previous_files(
+        data_dir, tmp_path, monkeypatch, capsys):
+    real_save, writes, before = torch.save, [], {}
+
+    def disk_full_in_epoch_2(obj, f, *args, **kwargs):
+        writes.append(f.name)
+        if len(writes) == 3:                          # best and last of epoch 1 went fine, then the disk is full
+            before.update({k: v for k, v in snapshot(tmp_path).items() if not k.endswith(".tmp")})
+            f.write(b"half a checkpoint")
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real_save(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", disk_full_in_epoch_2)
+    message = main_error(run_train, [*SMALL, *EPOCHS, "--data-dir", data_dir, "--out", tmp_path], monkeypatch, capsys)
+    assert message == f"error: cannot write to {tmp_path}: No space left on device"
+    assert snapshot(tmp_path) == before               # no half file left, epoch 1's checkpoints intact
 
 
 # ----------------------------------------------------------------------------
