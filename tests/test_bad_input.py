@@ -67,7 +67,8 @@ def refused(module, argv, folder, monkeypatch, capsys):
     (["--epochs", "0"], "config key 'epochs' must be > 0, got 0"),
     (["--set", "label_smoothing=1.5"], "config key 'label_smoothing' must be in [0, 1), got 1.5"),
     (["--set", "channels=[16,32,64]"], "must have the same length"),
-    (["--exp", "smok"], "unknown experiment 'smok' (did you mean 'smoke'?); known: report, best, overfit64, smoke"),
+    (["--exp", "smok"], "unknown experiment 'smok' (did you mean 'smoke'?); known: "
+                        + ", ".join(config.read_experiments()["experiments"])),
 ])
 def test_command_line_mistakes_are_one_line_naming_the_key(work, monkeypatch, capsys, argv, expected):
     w, args = work
