@@ -420,13 +420,14 @@ def train_locked(cfg, device, paths, resume, log):
                 if ema:
                     update_ema(ema.module, model, cfg.ema)
                 if device.type == "cpu" or (i + 1) % 100 == 0 or i + 1 == steps:
-                    check_finite(loss, epoch, i, lr, paths)    # note: a host sync on CUDA, hence every 100 steps
+                    check_finite(sums[0], epoch, i, lr, paths)  # note: a host sync on CUDA, hence every 100 steps
                 if cfg.log_every and (i + 1) % cfg.log_every == 0:
                     rate = (i + 1 - first_step) * cfg.batch_size / (time.time() - t0)
                     eta = ((cfg.epochs - epoch) * steps - i - 1) * cfg.batch_size / rate
                     log(f"  step {i + 1}/{steps} | loss {sums[0].item() / sums[2].item():.3f} | "
                         f"{rate / 1000:.1f}k img/s | eta {eta:.0f}s")
                 if stop_requested:
+                    check_finite(sums[0], epoch, i, lr, paths)  # never save weights a NaN has spoilt
                     checkpoint("last", epoch=epoch, step_in_epoch=i + 1, epoch_sums=sums.cpu())
                     raise Preempted(f"stop signal {stop_requested[0]}: saved {paths['last']} at epoch {epoch + 1} "
                                     f"step {i + 1}; rerun with --resume")

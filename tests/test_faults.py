@@ -171,6 +171,26 @@ def test_nan_loss_stops_at_the_first_bad_step_names_it_and_keeps_the_good_checkp
     assert engine.load_checkpoint(tmp_path / "out" / "smoke.last.ckpt")["epoch"] == 1
 
 
+def test_a_stop_signal_after_an_unchecked_nan_does_not_save_spoilt_weights(data_dir, tmp_path, monkeypatch):
+    """On CUDA the loss is looked at every 100 steps only: a stop signal in between must not save NaN weights."""
+    real_step, calls, before = engine.train_step, [], {}
+
+    def nan_then_stop(model, opt, x, *rest):
+        calls.append(1)
+        if len(calls) == 8 + 2:                       # epoch 2, step 2: NaN; the stop comes at step 4
+            before.update(snapshot(tmp_path))
+            x = x * float("nan")
+        if len(calls) == 8 + 4:
+            engine.stop_requested.append(signal.SIGUSR1)
+        return real_step(model, opt, x, *rest)
+
+    monkeypatch.setattr(engine, "train_step", nan_then_stop)
+    monkeypatch.setattr(engine, "stop_requested", [])
+    with pytest.raises(engine.Diverged, match="loss is nan at epoch 2 step"):
+        train_here(tmp_path, data_dir, ("compile", "off"))
+    assert snapshot(tmp_path) == before
+
+
 def test_a_far_too_high_learning_rate_ends_in_one_error_line_not_a_crash(data_dir, tmp_path, monkeypatch, capsys):
     message = main_error(run_train, [*SMALL, "--set", "optimizer=sgd", "--set", "lr=1e6", "--set", "schedule=constant",
                                      "--epochs", "1", "--data-dir", data_dir, "--out", tmp_path], monkeypatch, capsys)
