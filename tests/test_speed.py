@@ -66,3 +66,21 @@ def test_ema_update_averages_weights_and_bn_statistics():
         current = model.state_dict()[k]
         expected = 0.9 * before[k] + 0.1 * current if v.is_floating_point() else current
         assert torch.allclose(v, expected, atol=1e-6), k
+
+
+def test_bench_prints_a_table_and_writes_pipeline_speedup_and_mode_throughputs(tmp_path):
+    r = subprocess.run([sys.executable, str(ROOT / "bench.py"), "--exp", "smoke", "--device", "cpu",
+                        "--batch-size", "16", "--steps", "1", "--warmup", "1", "--images", "512",
+                        "--report-images", "256", "--workers", "0", "--json", "--out", str(tmp_path)],
+                       capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 0, r.stderr
+    result = json.loads((tmp_path / "bench.json").read_text())
+    assert result["pipeline_speedup"] > 0 and result["pipeline"]["report_img_per_s"] > 0
+    assert result["throughput"]["fp32"] > 0 and result["throughput"]["channels_last"] > 0
+    assert {m["key"]: m["status"] for m in result["modes"]}["cudagraphs"].startswith("n/a")
+    assert "pipeline_speedup" in r.stdout and "eager fp32" in r.stdout and "1.00x" in r.stdout
+
+
+def test_gpu_check_script_is_valid_bash():
+    r = subprocess.run(["bash", "-n", str(ROOT / "gpu_check.sh")], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr

@@ -1,0 +1,256 @@
+"""Training throughput and input-pipeline speed, measured side by side: one command, one table.
+
+    python bench.py                                     # the report's model at batch 512 on the GPU
+    python bench.py --exp c70 --batch-size 1024 --json  # another recipe's model; also writes out/bench.json
+    python bench.py --device cpu                        # short CPU run (about a minute on 2 cores)
+    python bench.py --modes fp32,compile                # only these modes (compile is skipped on CPU unless named)
+
+Training: images/s of forward + backward + optimizer step (the recipe's optimizer) on one fixed batch, after
+warm-up, timed between device synchronisations, for eager fp32; bf16 autocast; + channels-last; + torch.compile;
++ CUDA graphs (compile mode reduce-overhead); + compile mode max-autotune-no-cudagraphs. Each mode is a ratio to
+eager fp32; a compiled mode's first step, less one ordinary step, is its compile time, reported apart. The engine
+trains like "+ torch.compile" on CUDA (config compile=auto; other modes via --set compile=...) and like
+"eager fp32" on CPU.
+Input pipeline: our batched crop + flip + normalise on the device (data.train_batches) against the report's
+torchvision transforms per PIL image through a DataLoader (then copied to the device), in images/s: the best of
+5 epochs against the best of 3 passes (other processes on a small machine make single passes noisy).
+Random uint8 images by default, so no dataset is needed; --data-dir uses the real training split instead.
+"""
+import argparse
+import dataclasses
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+import config
+import data
+import engine
+from resnet import ResNet
+
+# key, label, bf16 autocast, channels-last, engine compile setting (None: eager)
+MODES = [("fp32", "eager fp32", False, False, None),
+         ("bf16", "bf16 autocast", True, False, None),
+         ("channels_last", "+ channels-last", True, True, None),
+         ("compile", "+ torch.compile", True, True, "on"),
+         ("cudagraphs", "+ CUDA graphs (reduce-overhead)", True, True, "reduce-overhead"),
+         ("autotune", "+ max-autotune-no-cudagraphs", True, True, "max-autotune-no-cudagraphs")]
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def skip_reason(key, compile_setting, device, asked):
+    """Why a mode is not measured on this device, or '' when it is."""
+    if device.type == "cpu" and key == "bf16":
+        return "n/a on CPU: the engine trains in fp32 there"
+    if device.type == "cpu" and key in ("cudagraphs", "autotune"):
+        return "n/a on CPU: CUDA only"
+    if asked is None and device.type == "cpu" and compile_setting:
+        return "skipped on CPU: compiling takes minutes on few cores (--modes fp32,compile runs it)"
+    if asked is not None and key not in asked:
+        return "not asked (--modes)"
+    return ""
+
+
+def time_training(cfg, device, amp, channels_last, compile_setting, steps, warmup):
+    """(images/s, compile seconds or None) of training steps of cfg's model on one fixed random batch."""
+    torch.manual_seed(0)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    model = ResNet(cfg.blocks, cfg.channels).to(device, memory_format=fmt)
+    opt = engine.make_optimizer(model, cfg)
+    x = torch.randn(cfg.batch_size, 3, 32, 32, device=device).contiguous(memory_format=fmt)
+    y = torch.randint(0, 100, (cfg.batch_size,), device=device)
+    run = model
+    if compile_setting:
+        torch._dynamo.reset()       # each mode compiles from scratch, as a fresh process would
+        run = engine.compile_model(model, dataclasses.replace(cfg, compile=compile_setting))
+
+    def step():     # engine.train_step with precision and memory format as switches
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+            logits = run(x)
+        loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    t0 = time.perf_counter()
+    step()
+    sync(device)
+    first_s = time.perf_counter() - t0
+    for _ in range(warmup - 1):
+        step()
+    sync(device)
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        step()
+    sync(device)
+    step_s = (time.perf_counter() - t0) / steps
+    return cfg.batch_size / step_s, max(0.0, first_s - step_s) if compile_setting else None
+
+
+# ----------------------------------------------------------------------------
+# input pipelines
+
+def time_ours(x, y, batch_size, epochs):
+    """Best images/s over `epochs` timed epochs of data.train_batches (shuffle, crop, flip, normalise on x's device)."""
+    cfg = config.Config(batch_size=batch_size)
+    rates = []
+    for epoch in range(epochs + 1):         # epoch 0 warms up
+        sync(x.device)
+        n, t0 = 0, time.perf_counter()
+        for xb, _ in data.train_batches(x, y, cfg, epoch):
+            n += len(xb)
+        sync(x.device)
+        rates.append(n / (time.perf_counter() - t0))
+    return max(rates[1:])
+
+
+class PILImages(torch.utils.data.Dataset):
+    """Like torchvision's CIFAR100 dataset: HWC uint8 arrays, each made a PIL image and transformed on access."""
+
+    def __init__(self, x, y, transform):
+        self.images, self.labels, self.transform = x.permute(0, 2, 3, 1).numpy(), y.tolist(), transform
+
+    def __len__(self):
+        return len(self.labels)
+
+    def __getitem__(self, i):
+        return self.transform(Image.fromarray(self.images[i])), self.labels[i]
+
+
+def time_report(x, y, batch_size, workers, device, repeats):
+    """Best images/s over `repeats` passes of the report's pipeline, each timed after its first batch (workers
+    started) and including the copy to the device."""
+    from torchvision import transforms as T
+    transform = T.Compose([T.RandomCrop(32, padding=4), T.RandomHorizontalFlip(), T.ToTensor(),
+                           T.Normalize(data.MEAN, data.STD)])
+    loader = torch.utils.data.DataLoader(PILImages(x, y, transform), batch_size=batch_size, shuffle=True,
+                                         num_workers=workers, drop_last=True, pin_memory=device.type == "cuda")
+    rates = []
+    for _ in range(repeats):
+        batches = iter(loader)
+        next(batches)
+        n, t0 = 0, time.perf_counter()
+        for xb, yb in batches:
+            xb, yb = xb.to(device, non_blocking=True), yb.to(device, non_blocking=True)
+            n += len(xb)
+        sync(device)
+        rates.append(n / (time.perf_counter() - t0))
+    return max(rates)
+
+
+# ----------------------------------------------------------------------------
+
+def table(result):
+    """The result as Markdown tables: training modes, then input pipelines."""
+    lines = ["| mode | precision | img/s | vs eager fp32 | compile s | note |",
+             "| --- | --- | --: | --: | --: | --- |"]
+    for m in result["modes"]:
+        rate = f"{m['img_per_s']:,.0f}" if m["img_per_s"] else "-"
+        ratio = f"{m['ratio']:.2f}x" if m["ratio"] else "-"
+        compile_s = f"{m['compile_s']:.1f}" if m["compile_s"] is not None else ""
+        lines.append(f"| {m['label']} | {m['precision'] if m['img_per_s'] else '-'} | {rate} | {ratio} | {compile_s} | {m['status']} |")
+    p = result["pipeline"]
+    if p:
+        lines += ["", "| input pipeline | img/s | ratio |", "| --- | --: | --: |",
+                  f"| ours: data.train_batches, crop + flip + normalise batched on {result['device']} | "
+                  f"{p['ours_img_per_s']:,.0f} | {result['pipeline_speedup']:.1f}x |",
+                  f"| report: torchvision transforms per PIL image, DataLoader with {p['workers']} workers | "
+                  f"{p['report_img_per_s']:,.0f} | 1.0x |"]
+    return "\n".join(lines)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--exp", default="report", help="whose model and optimizer to time (default: report)")
+    p.add_argument("--batch-size", type=int, help="default 512 on CUDA; 64 on CPU, where a step at 512 takes minutes")
+    p.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"])
+    p.add_argument("--modes", help=f"comma list of {','.join(m[0] for m in MODES)} (default: all that apply)")
+    p.add_argument("--steps", type=int, help="timed training steps per mode (default 50 on CUDA, 3 on CPU)")
+    p.add_argument("--warmup", type=int, help="untimed steps first, the first one compiles (default 10 / 1)")
+    p.add_argument("--images", type=int, help="images per epoch of our pipeline, best of 5 epochs (default 45000 / 10000)")
+    p.add_argument("--report-images", type=int, help="images per pass of the report's pipeline, best of 3 passes "
+                   "(default 20000 / 4000)")
+    p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="report DataLoader workers")
+    p.add_argument("--data-dir", help="time the real training split (cifar-100-python/ in this folder) instead of random images")
+    p.add_argument("--json", action="store_true", help="write the figures to <out>/bench.json (also after each mode)")
+    p.add_argument("--out", default="out")
+    args = p.parse_args()
+    try:
+        cfg = config.resolve(args.exp, [("device", args.device)])
+        device = engine.setup(cfg)
+    except config.UserError as e:
+        sys.exit(f"error: {e}")
+    cuda = device.type == "cuda"
+    cfg.batch_size = args.batch_size or (512 if cuda else 64)
+    steps, warmup = args.steps or (50 if cuda else 3), max(1, args.warmup or (10 if cuda else 1))
+    asked = set(args.modes.split(",")) if args.modes else None
+    if asked and asked - {m[0] for m in MODES}:
+        sys.exit(f"error: unknown mode(s) {', '.join(sorted(asked - {m[0] for m in MODES}))}; known: "
+                 f"{', '.join(m[0] for m in MODES)}")
+    n_ours, n_report = args.images or (45_000 if cuda else 10_000), args.report_images or (20_000 if cuda else 4_000)
+    if args.data_dir:
+        try:
+            x, y = data.load(dataclasses.replace(cfg, data_dir=args.data_dir, download=False))["train"]
+        except config.UserError as e:
+            sys.exit(f"error: {e}")
+    else:
+        g = torch.Generator().manual_seed(0)
+        x = torch.randint(0, 256, (max(n_ours, n_report), 3, 32, 32), dtype=torch.uint8, generator=g)
+        y = torch.randint(0, 100, (len(x),), generator=g)
+    v = engine.versions()
+    params = ResNet(cfg.blocks, cfg.channels).num_params()
+    result = {"exp": args.exp, "blocks": cfg.blocks, "channels": cfg.channels, "params": params,
+              "optimizer": cfg.optimizer, "batch_size": cfg.batch_size, "steps": steps, "warmup": warmup,
+              "device": v["gpu"] or f"cpu, {torch.get_num_threads()} threads", "versions": v,
+              "data": args.data_dir or "random uint8", "modes": [], "throughput": {}, "pipeline": {}}
+    out = Path(args.out) / "bench.json"
+
+    def save():
+        if args.json:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            engine.write_json(result, out)
+
+    print(f"bench | {args.exp} model: blocks {cfg.blocks} channels {cfg.channels}, {params / 1e6:.2f}M params, "
+          f"{cfg.optimizer} | batch {cfg.batch_size} | {result['device']} | torch {v['torch']} cuda {v['cuda']}", flush=True)
+    ours = time_ours(x[:n_ours].to(device), y[:n_ours].to(device), cfg.batch_size, epochs=5)
+    report = time_report(x[:n_report], y[:n_report], cfg.batch_size, args.workers, device, repeats=3)
+    result["pipeline"] = {"ours_img_per_s": round(ours), "report_img_per_s": round(report), "workers": args.workers,
+                          "ours_images": min(n_ours, len(x)), "report_images": min(n_report, len(x))}
+    result["pipeline_speedup"] = round(ours / report, 2)
+    print(f"pipeline | ours {ours:,.0f} img/s | report {report:,.0f} img/s | pipeline_speedup {ours / report:.1f}x", flush=True)
+    save()
+    baseline = None
+    for key, label, amp, channels_last, compile_setting in MODES:
+        amp = amp and cuda
+        row = {"key": key, "label": label, "precision": "bf16" if amp else "tf32" if cuda else "fp32", "img_per_s": None, "ratio": None,
+               "compile_s": None, "status": skip_reason(key, compile_setting, device, asked)}
+        if not row["status"]:
+            try:
+                rate, compile_s = time_training(cfg, device, amp, channels_last, compile_setting, steps, warmup)
+                baseline = baseline or (rate if key == "fp32" else None)
+                row.update(img_per_s=round(rate, 1), compile_s=compile_s and round(compile_s, 1),
+                           ratio=round(rate / baseline, 3) if baseline else None, status="measured")
+                result["throughput"][key] = row["img_per_s"]
+            except Exception as e:      # one mode failing (a compiler missing, out of memory) must not end the table
+                row["status"] = f"failed: {type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}"
+            if cuda:
+                torch.cuda.empty_cache()
+            print(f"{label} | {row['status']} | {row['img_per_s'] or '-'} img/s", flush=True)
+        result["modes"].append(row)
+        save()
+    print()
+    print(table(result))
+    print(f"\npipeline_speedup {result['pipeline_speedup']:.1f}x (ours over the report's DataLoader, images/s)"
+          + (f" | written {out}" if args.json else ""))
+
+
+if __name__ == "__main__":
+    main()
