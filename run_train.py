@@ -60,7 +60,7 @@ def main():
         sys.exit(engine.PREEMPTED_EXIT)
     print(f"done {s['name']} | best val {100 * s['best_val_acc']:.2f}% (epoch {s['best_epoch']}) | "
           f"test {100 * s['test_acc']:.2f}% top5 {100 * s['test_top5']:.2f}% | params {s['params'] / 1e6:.2f}M | "
-          f"train {s['train_s']:.1f}s wall {s['wall_s']:.1f}s")
+          f"train {s['train_s']:.1f}s (compile {s.get('compile_s', 0):.1f}s apart) wall {s['wall_s']:.1f}s")
     print("files: " + " ".join(s["files"]))
 
 
