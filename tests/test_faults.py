@@ -59,20 +59,22 @@ def assert_resume_matches(reference, out, data_dir):
 # ----------------------------------------------------------------------------
 # 1. SIGKILL during an epoch and during a checkpoint write
 
-def test_sigkill_during_an_epoch_keeps_last_epochs_checkpoints_and_resume_matches_an_uninterrupted_run(
-        reference, data_dir, tmp_path):
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGUSR1])
+def test_kill_or_stop_signal_during_an_epoch_loses_at_most_that_epoch_and_resume_matches_an_uninterrupted_run(
+        reference, data_dir, tmp_path, sig):
     proc = popen("run_train.py", *SMALL, *EPOCHS, "--set", "log_every=1", "--data-dir", data_dir, "--out", tmp_path)
     watchdog(proc)
     seen_epoch_1 = False
     for line in proc.stdout:
         seen_epoch_1 = seen_epoch_1 or line.startswith("ep 1/3")
         if seen_epoch_1 and line.strip().startswith("step "):     # inside epoch 2
-            proc.send_signal(signal.SIGKILL)
+            proc.send_signal(sig)
             break
-    assert proc.wait() == -signal.SIGKILL
+    proc.stdout.read()
+    assert proc.wait() == (-signal.SIGKILL if sig == signal.SIGKILL else engine.PREEMPTED_EXIT)
     assert len(csv_rows(tmp_path / "smoke.csv")) == 1
     last = engine.load_checkpoint(tmp_path / "smoke.last.ckpt")
-    assert (last["epoch"], last["step_in_epoch"]) == (1, 0)
+    assert last["epoch"] == 1 and (last["step_in_epoch"] == 0) == (sig == signal.SIGKILL)   # SIGUSR1 saves mid-epoch
     engine.model_from(engine.load_checkpoint(tmp_path / "smoke.ckpt"))
     assert_resume_matches(reference, tmp_path, data_dir)
 
