@@ -172,10 +172,10 @@ def train_batches(x, y, cfg, epoch, start=0):
     images = crop_flip(x, g, perm) if cfg.augment else x[perm]
     if cfg.cutout:
         images = cutout(images, g, cfg.cutout)
-    labels = y[perm]
+    images, labels = normalize(images), y[perm]     # the whole epoch at once: a few large ops, no work per batch
     for i in range(start, steps_per_epoch(len(x), cfg.batch_size)):
         s = slice(i * cfg.batch_size, (i + 1) * cfg.batch_size)
-        yield normalize(images[s]), labels[s]
+        yield images[s], labels[s]
 
 
 def steps_per_epoch(n, batch_size):
