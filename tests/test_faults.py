@@ -59,7 +59,7 @@ def assert_resume_matches(reference, out, data_dir):
 # ----------------------------------------------------------------------------
 # 1. SIGKILL during an epoch and during a checkpoint write
 
-@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGUSR1])
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGUSR1], ids=["SIGKILL", "SIGUSR1"])
 def test_kill_or_stop_signal_during_an_epoch_loses_at_most_that_epoch_and_resume_matches_an_uninterrupted_run(
         reference, data_dir, tmp_path, sig):
     proc = popen("run_train.py", *SMALL, *EPOCHS, "--set", "log_every=1", "--data-dir", data_dir, "--out", tmp_path)
