@@ -11,8 +11,8 @@ import data
 import engine
 
 REPO = Path(__file__).resolve().parent.parent
-# a tiny run: 256 training images, batches of 32 -> 8 steps per epoch
-SMALL = ["--exp", "smoke", "--set", "subset=256", "--set", "batch_size=32"]
+# a tiny run on the CPU (bit-identical reruns): 256 training images, batches of 32 -> 8 steps per epoch
+SMALL = ["--exp", "smoke", "--set", "subset=256", "--set", "batch_size=32", "--device", "cpu"]
 TIMING = {"epoch_s", "img_per_s", "elapsed_s"}
 RESULT_KEYS = ("best_epoch", "best_val_acc", "test_loss", "test_acc", "test_top5", "first_batch_loss")
 ENV = {**os.environ, "PYTHONUNBUFFERED": "1"}     # step lines arrive as they are printed

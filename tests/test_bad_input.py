@@ -21,8 +21,8 @@ def interrupted(tmp_path_factory):
     data laid out as the real cifar-100-python/ (dataset=cifar100)."""
     base = tmp_path_factory.mktemp("interrupted")
     data.write_synthetic(base / "cifar" / "cifar-100-python")
-    pairs = [("subset", 256), ("batch_size", 32), ("epochs", 2), ("dataset", "cifar100"), ("download", False),
-             ("data_dir", str(base / "cifar")), ("out_dir", str(base / "out"))]
+    pairs = [("subset", 256), ("batch_size", 32), ("epochs", 2), ("device", "cpu"), ("dataset", "cifar100"),
+             ("download", False), ("data_dir", str(base / "cifar")), ("out_dir", str(base / "out"))]
     try:
         with pytest.raises(engine.Preempted):
             engine.train(config.resolve("smoke", pairs),

@@ -42,8 +42,8 @@ def watchdog(proc, seconds=120):
 
 
 def train_here(out, data_dir, *sets, epochs=2, log=lambda *a: None):
-    """engine.train in this process on the tiny smoke run; the summary."""
-    pairs = [("subset", 256), ("batch_size", 32), ("epochs", epochs), ("data_dir", str(data_dir)),
+    """engine.train in this process on the tiny smoke run, on the CPU unless `sets` say otherwise; the summary."""
+    pairs = [("subset", 256), ("batch_size", 32), ("epochs", epochs), ("device", "cpu"), ("data_dir", str(data_dir)),
              ("out_dir", str(out)), *sets]
     return engine.train(config.resolve("smoke", pairs), log=log)
 
@@ -129,7 +129,8 @@ def test_another_seed_changes_the_run_but_not_the_validation_split(seed_0_run, d
 
 
 def test_split_is_45k_5k_stratified_and_ignores_the_global_seed():
-    labels = torch.arange(100).repeat_interleave(500)[torch.randperm(50_000, generator=torch.Generator().manual_seed(3))]
+    shuffle = torch.randperm(50_000, generator=torch.Generator().manual_seed(3))
+    labels = torch.arange(100).repeat_interleave(500)[shuffle]       # CIFAR-100's 500 training images per class
     splits = []
     for seed in (0, 1):
         torch.manual_seed(seed)
@@ -189,7 +190,7 @@ def test_a_stop_signal_after_an_unchecked_nan_does_not_save_spoilt_weights(data_
     monkeypatch.setattr(engine, "train_step", nan_then_stop)
     monkeypatch.setattr(engine, "stop_requested", [])
     with pytest.raises(engine.Diverged, match="loss is nan at epoch 2 step"):
-        train_here(tmp_path, data_dir, ("compile", "off"))
+        train_here(tmp_path, data_dir, ("device", "auto"), ("compile", "off"))
     assert snapshot(tmp_path) == before
 
 
