@@ -410,7 +410,7 @@ def train_locked(cfg, device, paths, resume, log):
             t0 = time.time()
             if device.type == "cuda":
                 torch.cuda.synchronize()
-            lr = cfg.lr
+            lr = lr_at(max(0, epoch * steps + first_step - 1), total_steps, cfg)   # stopped after an epoch's last step
             for i, (x, y) in enumerate(data.train_batches(train_x, train_y, cfg, epoch, first_step), first_step):
                 lr = lr_at(epoch * steps + i, total_steps, cfg)
                 loss, correct = train_step(compiled, opt, x, y, cfg, lr)

@@ -5,3 +5,7 @@ from pathlib import Path
 os.environ.setdefault("OMP_NUM_THREADS", "1")    # tiny models: one thread each is fastest on a busy shared CPU
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: minutes, not seconds (the SLURM tests); run by default, -m 'not slow' skips")

@@ -1,0 +1,159 @@
+"""Run a grid of configs from experiments.json one after another; resumable; a ranked table at the end.
+
+    python run_grid.py --grid smoke_grid                      # 4 tiny configs on generated data (CPU)
+    python run_grid.py --grid report_grid --data-dir ~/data   # the report's 24-run grid
+    python run_grid.py --grid report_grid --list              # the configs with their indices
+    python run_grid.py --grid report_grid --index 5           # config 5 only (one SLURM array task)
+    python run_grid.py --grid report_grid --epochs 5          # every config for 5 epochs (use another --out)
+
+A grid in experiments.json is a base experiment plus a list of values per key; its configs are the
+product of the lists (a one-value list just sets the key). Each run writes out/<grid>/<run>.{csv,ckpt,
+last.ckpt,json}; out/<grid>.csv holds one row per config, updated as each run ends. Running the grid
+again skips finished configs and resumes an interrupted one from its last.ckpt.
+"""
+import argparse
+import csv
+import fcntl
+import itertools
+import json
+import os
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import config
+import engine
+import run_train
+from resnet import ResNet
+
+SHORT = {"lr": "lr", "weight_decay": "wd", "blocks": "b", "channels": "c", "batch_size": "bs",
+         "label_smoothing": "ls", "optimizer": "", "schedule": ""}     # key prefixes in run names
+RESULTS = ["params", "best_val_acc", "best_epoch", "test_acc", "train_s", "status"]
+
+
+def run_name(varied):
+    """A readable file name from the varied values, e.g. lr0.002_wd0.0001_b2-2-2_c48-96-192."""
+    parts = []
+    for key, value in varied.items():
+        text = "-".join(map(str, value)) if isinstance(value, list) else f"{value:g}" if isinstance(value, float) else str(value)
+        parts.append(SHORT.get(key, key) + text)
+    return "_".join(parts) or "base"
+
+
+def grid_configs(grid, cli=()):
+    """(axes {key: values}, [(run name, {key: value}, Config)]) of a grid; cli (key, value) pairs apply to every run."""
+    grids = config.read_experiments().get("grids", {})
+    if grid not in grids:
+        raise config.UserError(f"unknown grid '{grid}'{config.suggest(grid, grids)}; known: {', '.join(grids) or 'none'}")
+    spec = {k: v for k, v in grids[grid].items() if k not in ("base", "note")}
+    if "base" not in grids[grid]:
+        raise config.UserError(f"grid '{grid}' names no \"base\" experiment")
+    for key, values in spec.items():
+        if not isinstance(values, list) or not values:
+            raise config.UserError(f"grid '{grid}': '{key}' must be a non-empty list of values, got {values!r}")
+    axes = {k: v for k, v in spec.items() if len(v) > 1}
+    fixed = [(k, v[0]) for k, v in spec.items() if len(v) == 1]
+    clash = sorted(axes.keys() & {k for k, _ in cli})
+    if clash:
+        raise config.UserError(f"grid '{grid}' varies {', '.join(clash)}: it cannot also be set on the command line")
+    runs = []
+    for values in itertools.product(*axes.values()):
+        varied = dict(zip(axes, values))
+        cfg = config.resolve(grids[grid]["base"], fixed + list(varied.items()) + list(cli))
+        name = run_name(varied)
+        runs.append((name, varied, replace(cfg, out_dir=str(Path(cfg.out_dir) / grid), name=name)))
+    if len({name for name, _, _ in runs}) < len(runs):
+        raise config.UserError(f"grid '{grid}' gives two configs the same run name: make its values differ more")
+    return axes, runs
+
+
+# ----------------------------------------------------------------------------
+# the summary CSV, one row per config
+
+def read_summary(path):
+    """{run name: row} of out/<grid>.csv; empty if it does not exist yet."""
+    if not path.exists():
+        return {}
+    with open(path, newline="") as f:
+        return {r["run"]: r for r in csv.DictReader(f)}
+
+
+def update_summary(path, row, columns):
+    """Replace this run's row under a lock: the tasks of a SLURM array write the same file at once."""
+    with open(f"{path}.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        rows = read_summary(path)
+        rows[row["run"]] = row
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+        with open(tmp, "w", newline="") as f:
+            w = csv.DictWriter(f, columns, extrasaction="ignore", restval="")
+            w.writeheader()
+            w.writerows(sorted(rows.values(), key=lambda r: int(r["index"])))
+        os.replace(tmp, path)
+
+
+def result_row(index, name, varied, cfg, status, s=None):
+    row = {"index": index, "run": name, **{k: json.dumps(v) if isinstance(v, list) else v for k, v in varied.items()},
+           "params": s["params"] if s else ResNet(cfg.blocks, cfg.channels).num_params(), "status": status}
+    if s:
+        row.update(best_val_acc=f"{s['best_val_acc']:.5f}", best_epoch=s["best_epoch"],
+                   test_acc=f"{s['test_acc']:.5f}", train_s=f"{s['train_s']:.1f}")
+    return row
+
+
+def print_ranked(path):
+    """Every config of the summary, the best validation accuracy first."""
+    rows = sorted(read_summary(path).values(), key=lambda r: (r["status"] != "done", -float(r["best_val_acc"] or 0)))
+    width = max([len(r["run"]) for r in rows] + [3])
+    print(f"{'rank':>4}  {'run':{width}}  {'val %':>6}  {'epoch':>5}  {'test %':>6}  {'params':>7}  {'train s':>7}  status")
+    for rank, r in enumerate(rows, 1):
+        pct = {k: f"{100 * float(r[k]):.2f}" if r[k] else "-" for k in ("best_val_acc", "test_acc")}
+        print(f"{rank:4d}  {r['run']:{width}}  {pct['best_val_acc']:>6}  {r['best_epoch'] or '-':>5}  "
+              f"{pct['test_acc']:>6}  {int(r['params']) / 1e6:6.2f}M  {r['train_s'] or '-':>7}  {r['status']}")
+    print(f"summary: {path}")
+
+
+# ----------------------------------------------------------------------------
+
+def main():
+    p = argparse.ArgumentParser(parents=[run_train.get_args_parser(add_help=False)], description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--grid", required=True, help="grid name in experiments.json (\"grids\")")
+    p.add_argument("--index", type=int, help="run only config I (see --list); a SLURM array task id")
+    p.add_argument("--list", action="store_true", help="print the configs with their indices and status, run nothing")
+    args = p.parse_args()
+    try:
+        axes, runs = grid_configs(args.grid, run_train.overrides(args))
+        summary = Path(runs[0][2].out_dir + ".csv")
+        columns = ["index", "run", *axes, *RESULTS]
+        if args.list:
+            done = read_summary(summary)
+            for i, (name, varied, _) in enumerate(runs):
+                values = " ".join(f"{k}={json.dumps(v)}" for k, v in varied.items())
+                print(f"{i:3d}  {name}  {values}  {done[name]['status'] if name in done else '-'}")
+            return
+        if args.index is not None and not 0 <= args.index < len(runs):
+            raise config.UserError(f"grid '{args.grid}' has configs 0-{len(runs) - 1}, got --index {args.index}")
+        indices = range(len(runs)) if args.index is None else [args.index]
+        engine.install_stop_handlers()
+        for i in indices:
+            name, varied, cfg = runs[i]
+            print(f"== {args.grid} [{i}/{len(runs) - 1}] {name}", flush=True)
+            try:
+                s = engine.train(cfg, resume=engine.run_paths(cfg)["last"].exists())
+                row = result_row(i, name, varied, cfg, "done", s)
+            except engine.Diverged as e:
+                print(f"failed: {e}")
+                row = result_row(i, name, varied, cfg, "failed")
+            except engine.Preempted as e:
+                update_summary(summary, result_row(i, name, varied, cfg, "interrupted"), columns)
+                print(e, file=sys.stderr)
+                sys.exit(engine.PREEMPTED_EXIT)
+            update_summary(summary, row, columns)
+    except config.UserError as e:
+        sys.exit(f"error: {e}")
+    print_ranked(summary)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,128 @@
+"""LR range test: one exponentially growing LR per step on a fresh model, through the engine's train step.
+
+    python run_lrfind.py --exp smoke                        # generated data, seconds on CPU
+    python run_lrfind.py --exp report --data-dir ~/data     # the report's LR range test (Adam)
+    python run_lrfind.py --exp best --start 1e-4 --end 10 --iters 300
+
+Writes out/<exp>.lrfind.csv (iter, lr, loss, smooth_loss) and out/<exp>.lrfind.json (the suggestions).
+The sweep's model is thrown away: no checkpoint or experiment is read or changed.
+"""
+import argparse
+import copy
+import csv
+import itertools
+import math
+import os
+import sys
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import config
+import data
+import engine
+import run_train
+
+
+def lr_sweep(model, cfg, x, y, start=1e-7, end=10.0, iters=200, beta=0.9, diverge=4.0):
+    """Train a copy of model for `iters` steps, the LR growing from start to end; returns (rows, why it stopped early)."""
+    model = copy.deepcopy(model)        # the caller's model keeps its weights
+    opt = engine.make_optimizer(model, cfg)
+    step_model = torch.compile(model) if engine.use_compile(cfg, x.device) else model
+    batches = (b for epoch in itertools.count() for b in data.train_batches(x, y, cfg, epoch))
+    rows, avg, lowest, stop = [], 0.0, math.inf, ""
+    for i, (xb, yb) in zip(range(iters), batches):
+        lr = start * (end / start) ** (i / max(1, iters - 1))
+        loss = engine.train_step(step_model, opt, xb, yb, cfg, lr)[0].item()   # note: a host sync every step
+        if not math.isfinite(loss):
+            stop = f"loss {loss} at lr {lr:.2e}"
+            break
+        avg = beta * avg + (1 - beta) * loss
+        smooth = avg / (1 - beta ** (i + 1))       # bias-corrected, so the first steps are not pulled to 0
+        rows.append({"iter": i, "lr": lr, "loss": loss, "smooth_loss": smooth})
+        lowest = min(lowest, smooth)
+        if smooth > diverge * lowest:
+            stop = f"smoothed loss {smooth:.3g} > {diverge:g} x its minimum {lowest:.3g} at lr {lr:.2e}"
+            break
+    return rows, stop
+
+
+def suggest(rows, skip=0.1):
+    """Steepest-descent LR, min-loss LR and the LR range where the smoothed loss falls (10% to 90% of its drop)."""
+    lr = np.array([r["lr"] for r in rows])
+    s = np.array([r["smooth_loss"] for r in rows])
+    first = max(1, int(skip * len(rows)))       # the first steps are noisy: skip them
+    if len(rows) < first + 3:
+        return {"suggested_lr": None, "min_loss_lr": None, "min_div10_lr": None, "falling_range": None}
+    low = first + int(np.argmin(s[first:]))
+    out = {"min_loss_lr": float(lr[low]), "min_div10_lr": float(lr[low] / 10)}
+    if low - first < 2:                         # no falling stretch before the minimum
+        return {"suggested_lr": None, **out, "falling_range": None}
+    fall = s[first:low + 1]
+    steepest = first + int(np.argmin(np.gradient(fall, np.log10(lr[first:low + 1]))[:-1]))   # before the minimum
+    top = first + int(np.argmax(fall))
+    drop = s[top] - s[low]
+    lo = top + int(np.argmax(s[top:low + 1] <= s[top] - 0.1 * drop))
+    hi = top + int(np.argmax(s[top:low + 1] <= s[top] - 0.9 * drop))
+    return {"suggested_lr": float(lr[steepest]), **out, "falling_range": [float(lr[lo]), float(lr[hi])]}
+
+
+def write_csv(rows, path):
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "w", newline="") as f:
+        w = csv.DictWriter(f, ["iter", "lr", "loss", "smooth_loss"])
+        w.writeheader()
+        w.writerows({"iter": r["iter"], "lr": f"{r['lr']:.6g}", "loss": f"{r['loss']:.5f}",
+                     "smooth_loss": f"{r['smooth_loss']:.5f}"} for r in rows)
+    os.replace(tmp, path)
+
+
+def main():
+    p = argparse.ArgumentParser(parents=[run_train.get_args_parser(add_help=False)], description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--exp", default="best", help="experiment whose model, optimizer and data are swept (default: best)")
+    p.add_argument("--start", type=float, default=1e-7, help="first LR (default: 1e-7)")
+    p.add_argument("--end", type=float, default=10.0, help="last LR (default: 10)")
+    p.add_argument("--iters", type=int, default=200, help="steps, one LR each (default: 200)")
+    p.add_argument("--smooth", type=float, default=0.9, help="beta of the loss's moving average; 0 = raw (default: 0.9)")
+    p.add_argument("--diverge", type=float, default=4.0, help="stop once the smoothed loss exceeds this x its minimum")
+    args = p.parse_args()
+    try:
+        if not (0 < args.start < args.end and args.iters >= 10 and 0 <= args.smooth < 1 and args.diverge > 1):
+            raise config.UserError("need 0 < --start < --end, --iters >= 10, 0 <= --smooth < 1 and --diverge > 1")
+        cfg = config.resolve(args.exp, run_train.overrides(args))
+        device = engine.setup(cfg)
+        d = data.load(cfg, device)
+        model = engine.build_model(cfg, len(d["classes"]), device)
+        out = Path(cfg.out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+    except config.UserError as e:
+        sys.exit(f"error: {e}")
+    except OSError as e:
+        sys.exit(f"error: cannot create output folder {cfg.out_dir}: {e.strerror}")
+
+    print(f"lr sweep {cfg.name} | {cfg.optimizer} batch {cfg.batch_size} | {args.iters} steps "
+          f"{args.start:.1e} .. {args.end:.1e} on {device}", flush=True)
+    rows, stop = lr_sweep(model, cfg, *d["train"], args.start, args.end, args.iters, args.smooth, args.diverge)
+    result = {"exp": args.exp, **suggest(rows), "stopped_early": bool(stop), "stop_reason": stop, "iters": len(rows),
+              "start": args.start, "end": args.end, "smooth": args.smooth, "diverge": args.diverge,
+              "device": str(device), "config": asdict(cfg), "versions": engine.versions()}
+    paths = [out / f"{cfg.name}.lrfind.csv", out / f"{cfg.name}.lrfind.json"]
+    write_csv(rows, paths[0])
+    engine.write_json(result, paths[1])
+
+    print(f"stopped early after {len(rows)} steps: {stop}" if stop else f"swept all {len(rows)} steps")
+    if result["suggested_lr"] is None:
+        print("no falling stretch of the loss found: widen --start/--end or raise --iters")
+    else:
+        lo, hi = result["falling_range"]
+        print(f"suggested lr (steepest) {result['suggested_lr']:.1e} | min/10 {result['min_div10_lr']:.1e} | "
+              f"loss falls from {lo:.1e} to {hi:.1e} | min loss at {result['min_loss_lr']:.1e}")
+        print(f"try: python run_train.py --exp {args.exp} --set lr={result['suggested_lr']:.1e}")
+    print("files: " + " ".join(map(str, paths)))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,85 @@
+import csv
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import config
+import data
+import engine
+import run_lrfind
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("data")
+
+
+def smoke(data_dir, *pairs):
+    """A small smoke config, a fresh model of it and its training split."""
+    cfg = config.resolve("smoke", [("data_dir", str(data_dir)), ("subset", 640), ("channels", [8, 16]), *pairs])
+    d = data.load(cfg)
+    engine.setup(cfg)
+    return cfg, engine.build_model(cfg, len(d["classes"])), d["train"]
+
+
+def test_suggestion_lies_inside_the_sweep_where_the_smoothed_loss_falls(data_dir):
+    cfg, model, (x, y) = smoke(data_dir)
+    rows, stop = run_lrfind.lr_sweep(model, cfg, x, y, start=1e-4, end=10.0, iters=50)
+    s = run_lrfind.suggest(rows)
+    lo, hi = s["falling_range"]
+    assert 1e-4 <= lo <= s["suggested_lr"] <= hi <= s["min_loss_lr"] <= 10.0
+    assert s["min_div10_lr"] == s["min_loss_lr"] / 10
+    at = next(r for r in rows if r["lr"] == s["suggested_lr"])
+    assert at["smooth_loss"] < rows[0]["smooth_loss"] - 0.1
+    assert rows[at["iter"] + 1]["smooth_loss"] < rows[at["iter"] - 1]["smooth_loss"]
+
+
+def test_sweep_stops_early_on_divergence_and_on_a_non_finite_loss(data_dir):
+    cfg, model, (x, y) = smoke(data_dir, ("optimizer", "sgd"), ("momentum", 0.0), ("weight_decay", 0.0))
+    rows, stop = run_lrfind.lr_sweep(model, cfg, x, y, start=1e-3, end=1e6, iters=60)
+    assert stop and len(rows) < 60
+    assert all(torch.isfinite(torch.tensor(r["smooth_loss"])) for r in rows)
+    rows, stop = run_lrfind.lr_sweep(model, cfg, x, y, start=1e30, end=1e31, iters=20)
+    assert stop.startswith("loss nan") or stop.startswith("loss inf")
+    assert run_lrfind.suggest(rows)["suggested_lr"] is None
+
+
+def test_sweep_leaves_the_given_model_unchanged(data_dir):
+    cfg, model, (x, y) = smoke(data_dir)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    run_lrfind.lr_sweep(model, cfg, x, y, start=1e-4, end=1.0, iters=10)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_command_writes_csv_and_json_and_touches_no_checkpoint(tmp_path, data_dir):
+    out = tmp_path / "out"
+    out.mkdir()
+    kept = {out / "smoke.ckpt": b"best", out / "smoke.last.ckpt": b"last", out / "smoke.csv": b"epoch\n"}
+    for path, content in kept.items():
+        path.write_bytes(content)
+    experiments = config.EXPERIMENTS_FILE.read_bytes()
+    r = subprocess.run([sys.executable, str(ROOT / "run_lrfind.py"), "--exp", "smoke", "--iters", "30", "--start", "1e-5",
+                        "--end", "1", "--out", str(out), "--data-dir", str(data_dir), "--set", "subset=640"],
+                       capture_output=True, text=True, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    with open(out / "smoke.lrfind.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert list(rows[0]) == ["iter", "lr", "loss", "smooth_loss"] and len(rows) == 30
+    result = json.loads((out / "smoke.lrfind.json").read_text())
+    assert {"exp", "suggested_lr", "min_loss_lr", "min_div10_lr", "falling_range", "stopped_early", "iters"} <= result.keys()
+    assert f"--set lr={result['suggested_lr']:.1e}" in r.stdout and "suggested lr (steepest)" in r.stdout
+    assert all(path.read_bytes() == content for path, content in kept.items())
+    assert config.EXPERIMENTS_FILE.read_bytes() == experiments
+    assert sorted(p.name for p in out.iterdir()) == sorted([*(p.name for p in kept), "smoke.lrfind.csv", "smoke.lrfind.json"])
+
+
+def test_bad_sweep_range_is_one_error_line(tmp_path):
+    r = subprocess.run([sys.executable, str(ROOT / "run_lrfind.py"), "--exp", "smoke", "--start", "1", "--end", "0.1",
+                        "--out", str(tmp_path)], capture_output=True, text=True)
+    assert r.returncode != 0 and r.stderr.startswith("error: ") and "Traceback" not in r.stderr
