@@ -172,10 +172,11 @@ def train_batches(x, y, cfg, epoch, start=0):
     images = crop_flip(x, g, perm) if cfg.augment else x[perm]
     if cfg.cutout:
         images = cutout(images, g, cfg.cutout)
-    images, labels = normalize(images), y[perm]     # the whole epoch at once: a few large ops, no work per batch
-    for i in range(start, steps_per_epoch(len(x), cfg.batch_size)):
-        s = slice(i * cfg.batch_size, (i + 1) * cfg.batch_size)
-        yield images[s], labels[s]
+    labels, bs, steps = y[perm], cfg.batch_size, steps_per_epoch(len(x), cfg.batch_size)
+    per = max(1, 2048 // bs)    # batches normalised together: ops large enough to run well, small enough to reuse memory
+    for first in range(start, steps, per):
+        s = slice(first * bs, min(first + per, steps) * bs)
+        yield from zip(normalize(images[s]).split(bs), labels[s].split(bs))
 
 
 def steps_per_epoch(n, batch_size):
