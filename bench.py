@@ -2,7 +2,7 @@
 
     python bench.py                                     # the report's model at batch 512 on the GPU
     python bench.py --exp c70 --batch-size 1024 --json  # another recipe's model; also writes out/bench.json
-    python bench.py --device cpu                        # short CPU run (about a minute on 2 cores)
+    python bench.py --device cpu                        # short CPU run (1-2 minutes on 2 cores)
     python bench.py --modes fp32,compile                # only these modes (compile is skipped on CPU unless named)
 
 Training: images/s of forward + backward + optimizer step (the recipe's optimizer) on one fixed batch, after
@@ -13,7 +13,7 @@ trains like "+ torch.compile" on CUDA (config compile=auto; other modes via --se
 "eager fp32" on CPU.
 Input pipeline: our batched crop + flip + normalise on the device (data.train_batches) against the report's
 torchvision transforms per PIL image through a DataLoader (then copied to the device), in images/s: the best of
-5 epochs against the best of 3 passes (other processes on a small machine make single passes noisy).
+5 epochs against the best of 5 passes (other processes on a small machine make single passes noisy).
 Random uint8 images by default, so no dataset is needed; --data-dir uses the real training split instead.
 """
 import argparse
@@ -156,7 +156,8 @@ def table(result):
         rate = f"{m['img_per_s']:,.0f}" if m["img_per_s"] else "-"
         ratio = f"{m['ratio']:.2f}x" if m["ratio"] else "-"
         compile_s = f"{m['compile_s']:.1f}" if m["compile_s"] is not None else ""
-        lines.append(f"| {m['label']} | {m['precision'] if m['img_per_s'] else '-'} | {rate} | {ratio} | {compile_s} | {m['status']} |")
+        precision = m["precision"] if m["img_per_s"] else "-"
+        lines.append(f"| {m['label']} | {precision} | {rate} | {ratio} | {compile_s} | {m['status']} |")
     p = result["pipeline"]
     if p:
         lines += ["", "| input pipeline | img/s | ratio |", "| --- | --: | --: |",
@@ -170,16 +171,19 @@ def table(result):
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--exp", default="report", help="whose model and optimizer to time (default: report)")
-    p.add_argument("--batch-size", type=int, help="default 512 on CUDA; 64 on CPU, where a step at 512 takes minutes")
+    p.add_argument("--batch-size", type=int,
+                   help="default 512 on CUDA; on CPU the report's 128, as a step at 512 takes minutes there")
     p.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"])
     p.add_argument("--modes", help=f"comma list of {','.join(m[0] for m in MODES)} (default: all that apply)")
-    p.add_argument("--steps", type=int, help="timed training steps per mode (default 50 on CUDA, 3 on CPU)")
+    p.add_argument("--steps", type=int, help="timed training steps per mode (default 50 on CUDA, 2 on CPU)")
     p.add_argument("--warmup", type=int, help="untimed steps first, the first one compiles (default 10 / 1)")
-    p.add_argument("--images", type=int, help="images per epoch of our pipeline, best of 5 epochs (default 45000 / 10000)")
-    p.add_argument("--report-images", type=int, help="images per pass of the report's pipeline, best of 3 passes "
+    p.add_argument("--images", type=int,
+                   help="images per epoch of our pipeline, best of 5 epochs (default 45000 / 10000)")
+    p.add_argument("--report-images", type=int, help="images per pass of the report's pipeline, best of 5 passes "
                    "(default 20000 / 4000)")
     p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="report DataLoader workers")
-    p.add_argument("--data-dir", help="time the real training split (cifar-100-python/ in this folder) instead of random images")
+    p.add_argument("--data-dir",
+                   help="time the real training split (cifar-100-python/ in this folder) instead of random images")
     p.add_argument("--json", action="store_true", help="write the figures to <out>/bench.json (also after each mode)")
     p.add_argument("--out", default="out")
     args = p.parse_args()
@@ -189,8 +193,8 @@ def main():
     except config.UserError as e:
         sys.exit(f"error: {e}")
     cuda = device.type == "cuda"
-    cfg.batch_size = args.batch_size or (512 if cuda else 64)
-    steps, warmup = args.steps or (50 if cuda else 3), max(1, args.warmup or (10 if cuda else 1))
+    cfg.batch_size = args.batch_size or (512 if cuda else 128)
+    steps, warmup = args.steps or (50 if cuda else 2), max(1, args.warmup or (10 if cuda else 1))
     asked = set(args.modes.split(",")) if args.modes else None
     if asked and asked - {m[0] for m in MODES}:
         sys.exit(f"error: unknown mode(s) {', '.join(sorted(asked - {m[0] for m in MODES}))}; known: "
@@ -219,19 +223,22 @@ def main():
             engine.write_json(result, out)
 
     print(f"bench | {args.exp} model: blocks {cfg.blocks} channels {cfg.channels}, {params / 1e6:.2f}M params, "
-          f"{cfg.optimizer} | batch {cfg.batch_size} | {result['device']} | torch {v['torch']} cuda {v['cuda']}", flush=True)
+          f"{cfg.optimizer} | batch {cfg.batch_size} | {result['device']} | torch {v['torch']} cuda {v['cuda']}",
+          flush=True)
     ours = time_ours(x[:n_ours].to(device), y[:n_ours].to(device), cfg.batch_size, epochs=5)
-    report = time_report(x[:n_report], y[:n_report], cfg.batch_size, args.workers, device, repeats=3)
+    report = time_report(x[:n_report], y[:n_report], cfg.batch_size, args.workers, device, repeats=5)
     result["pipeline"] = {"ours_img_per_s": round(ours), "report_img_per_s": round(report), "workers": args.workers,
                           "ours_images": min(n_ours, len(x)), "report_images": min(n_report, len(x))}
     result["pipeline_speedup"] = round(ours / report, 2)
-    print(f"pipeline | ours {ours:,.0f} img/s | report {report:,.0f} img/s | pipeline_speedup {ours / report:.1f}x", flush=True)
+    print(f"pipeline | ours {ours:,.0f} img/s | report {report:,.0f} img/s | "
+          f"pipeline_speedup {result['pipeline_speedup']:.1f}x", flush=True)
     save()
     baseline = None
     for key, label, amp, channels_last, compile_setting in MODES:
         amp = amp and cuda
-        row = {"key": key, "label": label, "precision": "bf16" if amp else "tf32" if cuda else "fp32", "img_per_s": None, "ratio": None,
-               "compile_s": None, "status": skip_reason(key, compile_setting, device, asked)}
+        row = {"key": key, "label": label, "precision": "bf16" if amp else "tf32" if cuda else "fp32",
+               "img_per_s": None, "ratio": None, "compile_s": None,
+               "status": skip_reason(key, compile_setting, device, asked)}
         if not row["status"]:
             try:
                 rate, compile_s = time_training(cfg, device, amp, channels_last, compile_setting, steps, warmup)

@@ -2,9 +2,9 @@
 # The GPU session's one prepared script: versions, data statistics, bench, LR finder, the fast/c70/report/best
 # recipes each with run_eval.py, then results/ files and a short table printed last. About 9 minutes in all.
 #
-#   cat /root/c100/*.part-* | tar -xJ -C /root/c100 && bash gpu_check.sh     # on the GPU machine (device tool)
-#   DATA_DIR=~/data BUDGET_S=900 bash gpu_check.sh                           # any GPU machine, more time
-#   bash gpu_check.sh --dry-run                                              # the plumbing on CPU, generated data, tiny models
+#   cat /root/c100/*.part-* | tar -xJ -C /root/c100 && bash gpu_check.sh   # on the GPU machine (device tool)
+#   DATA_DIR=~/data BUDGET_S=900 bash gpu_check.sh                         # any GPU machine, more time
+#   bash gpu_check.sh --dry-run            # the plumbing on CPU: generated data, tiny models, about a minute
 #
 # Each step has its own timeout, cut to the script's deadline (BUDGET_S seconds, default 530, which leaves the
 # device tool's 600 s call room for unpacking and the final table), so a failing or slow step never stops the rest.
@@ -99,12 +99,14 @@ def read(path):
         return json.loads(path.read_text())
     except (OSError, ValueError):
         return None
-for src, what in [("bench.json", "bench.json"), ("cifar100.data.json", "data.json"), ("synthetic.data.json", "data.json"),
-                  ("report.lrfind.csv", "lrfind-report.csv"), ("report.lrfind.json", "lrfind-report.json")]:
+for src, what in [("bench.json", "bench.json"), ("cifar100.data.json", "data.json"),
+                  ("synthetic.data.json", "data.json"), ("report.lrfind.csv", "lrfind-report.csv"),
+                  ("report.lrfind.json", "lrfind-report.json")]:
     if (runs / src).exists():
         shutil.copy(runs / src, res / f"{stamp}-{what}")
 bench, stats = read(runs / "bench.json"), read(runs / "cifar100.data.json") or read(runs / "synthetic.data.json")
-print(f"\n| exp | val acc | test acc | training s | compile s | img/s | card |\n| --- | --: | --: | --: | --: | --: | --- |")
+print("\n| exp | val acc | test acc | training s | compile s | img/s | card |")
+print("| --- | --: | --: | --: | --: | --: | --- |")
 for exp in ("fast", "c70", "report", "best"):
     summary, ev = read(runs / f"{exp}.json"), read(runs / f"{exp}.eval.json")
     rows = list(csv.DictReader(open(runs / f"{exp}.csv"))) if (runs / f"{exp}.csv").exists() else []
@@ -128,10 +130,12 @@ for exp in ("fast", "c70", "report", "best"):
           f"{'' if finished else f' (stopped after {len(rows)} epochs)'} |")
 if bench:
     best = max(bench["throughput"].items(), key=lambda kv: kv[1], default=None)
-    print(f"\nbench {bench['exp']} batch {bench['batch_size']}: " + " | ".join(f"{k} {v:,.0f}" for k, v in bench["throughput"].items())
+    rates = " | ".join(f"{k} {v:,.0f}" for k, v in bench["throughput"].items())
+    print(f"\nbench {bench['exp']} batch {bench['batch_size']}: {rates}"
           + f" img/s | best {best[0] if best else '-'} | pipeline_speedup {bench.get('pipeline_speedup', '-')}x")
 if stats:
-    print(f"data: train {stats['train']} val {stats['val']} test {stats['test']} | mean {stats['mean']} std {stats['std']}")
+    print(f"data: train {stats['train']} val {stats['val']} test {stats['test']} | "
+          f"mean {stats['mean']} std {stats['std']}")
 print(f"files: {res}/{stamp}-*")
 EOF
 echo "total $(($(date +%s) - START)) s (budget $BUDGET_S s)"
