@@ -81,16 +81,18 @@ def plot_lrfind(plt, rows, info, path):
     lrs = [float(r["lr"]) for r in rows]
     ax.plot(lrs, [float(r["loss"]) for r in rows], alpha=0.3, label="loss")
     ax.plot(lrs, [float(r["smooth_loss"]) for r in rows], label="smoothed loss")
+    ax.axvspan(*info["falling_range"], color="green", alpha=0.1, label="range where the loss falls")
     ax.axvline(info["suggested_lr"], color="red", linestyle="--", label=f"suggested {info['suggested_lr']:.1e}")
     ax.set_xscale("log")
     style(ax, "learning rate (log scale)", "training loss", f"LR range test: {info['exp']}")
     save(plt, fig, path)
 
 
-def plot_grid(plt, ranked, path):
+def plot_grid(plt, ranked, grid, path):
     fig, ax = plt.subplots(figsize=(8, 0.35 * len(ranked) + 1.5))
-    ax.barh([r["run"] for r in ranked][::-1], [100 * float(r["best_val_acc"]) for r in ranked][::-1])
-    ax.set(xlabel="best validation accuracy (%)", title="grid, ranked by validation accuracy")
+    bars = ax.barh([r["run"] for r in ranked][::-1], [100 * float(r["best_val_acc"]) for r in ranked][::-1])
+    ax.bar_label(bars, fmt="%.1f", padding=3)
+    ax.set(xlabel="best validation accuracy (%)", title=f"grid {grid}, ranked by validation accuracy")
     ax.grid(axis="x", alpha=0.3)
     save(plt, fig, path)
 
@@ -194,7 +196,7 @@ def build(out, exps, grid, compare, report_path):
         md += table(["rank", "run", "best val acc", "epoch", "params", "train s", "status"],
                     [[i + 1, r["run"], pct(r["best_val_acc"]), r["best_epoch"], r["params"], r["train_s"], r["status"]]
                      for i, r in enumerate(ranked)]) + [f"(from `{out}/{grid}.csv`)", ""]
-        figure(f"grid_{grid}", f"grid {grid} ranked", f"{out}/{grid}.csv", plot_grid, ranked)
+        figure(f"grid_{grid}", f"grid {grid} ranked", f"{out}/{grid}.csv", plot_grid, ranked, grid)
     else:
         md += not_run("a grid", f"python run_grid.py --grid {grid or 'smoke_grid'}")
 

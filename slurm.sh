@@ -49,7 +49,7 @@ while :; do
     kill -0 "$pid" 2>/dev/null || break     # wait returns early (rc > 128) when a trapped signal arrives
 done
 
-if [ "$got" = USR1 ] && [ "$rc" -ne 0 ]; then
+if [ "$got" = USR1 ] && [ "$rc" -eq "$PREEMPTED" ]; then     # saved: requeue; a crash is not retried
     job=${SLURM_ARRAY_JOB_ID:+${SLURM_ARRAY_JOB_ID}_${SLURM_ARRAY_TASK_ID}}
     echo "== exit $rc: requeueing ${job:-$SLURM_JOB_ID} to resume from last.ckpt"
     if scontrol requeue "${job:-$SLURM_JOB_ID}"; then     # SLURM ends this run at once
