@@ -7,7 +7,8 @@
 #   bash gpu_check.sh --dry-run            # the plumbing on CPU: generated data, tiny models, about a minute
 #
 # Each step has its own timeout, cut to the script's deadline (BUDGET_S seconds, default 530, which leaves the
-# device tool's 600 s call room for unpacking and the final table), so a failing or slow step never stops the rest.
+# device tool's 600 s call room for unpacking and the final table; with less device time left, set BUDGET_S to
+# the call's limit less ~70 s), so a failing or slow step never stops the rest.
 # run_train.py takes the timeout's SIGTERM as a stop request: it saves <exp>.last.ckpt and exits 75, keeping the
 # CSV and <exp>.ckpt of the epochs done, so run_eval.py still measures the best checkpoint so far.
 # Logs, results/ files, bench and data JSONs go to $OUT (the device tool returns what is written there; default
@@ -21,6 +22,7 @@ BUDGET_S=${BUDGET_S:-530}
 PY=${PYTHON:-$(command -v python || command -v python3)}
 RUNS=out/gpu_check                   # checkpoints stay here, on the machine: too big to bring back
 START=$(date +%s)
+rm -rf "$RUNS"                       # a rerun must not read an earlier run's files
 mkdir -p "$OUT/logs" "$OUT/results" "$RUNS"
 
 if [ "${1:-}" = "--dry-run" ]; then  # generated data, 1-block 8-channel models, CPU: checks paths and files only
@@ -38,8 +40,9 @@ else
     # CUDA graphs and max-autotune-no-cudagraphs are left out to keep time for the recipes: each compiles again
     # (~30 s and minutes); measure them with: python bench.py --modes fp32,compile,cudagraphs,autotune
     BENCH=(--modes fp32,bf16,channels_last,compile)
-    CARD=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1 | tr 'A-Z' 'a-z' \
-           | grep -oE '\b[a-z]{1,2}[0-9]{2,4}[a-z]?\b' | head -1)
+    CARD=$({ nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null \
+             || "$PY" -c "import torch; print(torch.cuda.get_device_name())" 2>/dev/null; } \
+           | head -1 | tr 'A-Z' 'a-z' | grep -oE '\b[a-z]{1,2}[0-9]{2,4}[a-z]?\b' | head -1)
     CARD=${CARD:-gpu}
 fi
 STAMP="$(date -u +%Y-%m-%d)-$CARD"
