@@ -425,7 +425,7 @@ def train_locked(cfg, device, paths, resume, log):
                     rate = (i + 1 - first_step) * cfg.batch_size / (time.time() - t0)
                     eta = ((cfg.epochs - epoch) * steps - i - 1) * cfg.batch_size / rate
                     log(f"  step {i + 1}/{steps} | loss {sums[0].item() / sums[2].item():.3f} | "
-                        f"{rate / 1000:.1f}k img/s | eta {eta:.0f}s")
+                        f"{rate:,.0f} img/s | eta {eta:.0f}s")
                 if stop_requested:
                     check_finite(sums[0], epoch, i, lr, paths)  # never save weights a NaN has spoilt
                     checkpoint("last", epoch=epoch, step_in_epoch=i + 1, epoch_sums=sums.cpu())
@@ -451,7 +451,7 @@ def train_locked(cfg, device, paths, resume, log):
             checkpoint("last", epoch=epoch, step_in_epoch=0, epoch_sums=sums.cpu(), finished=epoch == cfg.epochs)
             log(f"ep {epoch}/{cfg.epochs} | train {train_loss:.3f} {100 * train_acc:.1f}% | val {val['loss']:.3f} "
                 f"{100 * val['acc']:.1f}% (best {100 * best['val_acc']:.1f}%) | lr {lr:.1e} | "
-                f"{epoch_s:.1f}s {float(row['img_per_s']) / 1000:.1f}k img/s")
+                f"{epoch_s:.1f}s {float(row['img_per_s']):,.0f} img/s")
     return finish(cfg, d, paths, device, first_batch_loss, elapsed0 + time.time() - t_run, log, compile_s)
 
 
