@@ -30,6 +30,7 @@ from PIL import Image
 import config
 import data
 import engine
+import files
 from resnet import ResNet
 
 # key, label, bf16 autocast, channels-last, engine compile setting (None: eager)
@@ -220,7 +221,7 @@ def main():
     def save():
         if args.json:
             out.parent.mkdir(parents=True, exist_ok=True)
-            engine.write_json(result, out)
+            files.write_json(result, out)
 
     print(f"bench | {args.exp} model: blocks {cfg.blocks} channels {cfg.channels}, {params / 1e6:.2f}M params, "
           f"{cfg.optimizer} | batch {cfg.batch_size} | {result['device']} | torch {v['torch']} cuda {v['cuda']}",

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+import files
 from config import UserError
 
 MEAN = (0.5071, 0.4867, 0.4408)
@@ -213,16 +214,11 @@ def write_synthetic(folder, per_class_train=30, per_class_test=10, num_classes=1
         x, y = images(n)
         d = {"filenames": [f"synthetic_{split}_{i}.png" for i in range(len(y))], "batch_label": f"synthetic {split}",
              "fine_labels": y.tolist(), "coarse_labels": (y % 20).tolist(), "data": x}
-        atomic_pickle(d, folder / split)
-    atomic_pickle({"fine_label_names": fine_names, "coarse_label_names": coarse_names}, folder / "meta")
+        with files.atomic_open(folder / split, "wb") as f:
+            pickle.dump(d, f)
+    with files.atomic_open(folder / "meta", "wb") as f:
+        pickle.dump({"fine_label_names": fine_names, "coarse_label_names": coarse_names}, f)
     return folder
-
-
-def atomic_pickle(obj, path):
-    tmp = Path(f"{path}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as f:
-        pickle.dump(obj, f)
-    os.replace(tmp, path)
 
 
 # ----------------------------------------------------------------------------
@@ -245,9 +241,7 @@ def describe(cfg, out_dir):
     stats["samples_png"] = str(out_dir / f"{cfg.dataset}_samples.png")
     save_image(x[:64] * torch.tensor(STD).view(1, 3, 1, 1) + torch.tensor(MEAN).view(1, 3, 1, 1), stats["samples_png"])
     stats["json"] = str(out_dir / f"{cfg.dataset}.data.json")
-    tmp = Path(f"{stats['json']}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(stats, indent=2) + "\n")
-    os.replace(tmp, stats["json"])
+    files.write_json(stats, stats["json"])
     return stats
 
 

@@ -22,9 +22,9 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from torch.optim.swa_utils import AveragedModel
 
 import data
+import files
 from config import Config, UserError, check_value, validate
 from resnet import ResNet
 
@@ -150,8 +150,7 @@ def train_step(model, opt, x, y, cfg, lr):
 
 @torch.no_grad()
 def update_ema(averaged, model, decay):
-    """averaged = decay * averaged + (1 - decay) * model, weights and BN statistics; unlike
-    AveragedModel.update_parameters, no host sync per step."""
+    """averaged = decay * averaged + (1 - decay) * model, weights and BN statistics, with no host sync."""
     pairs = list(zip(averaged.state_dict().values(), model.state_dict().values()))
     floats = [(a, m) for a, m in pairs if a.is_floating_point()]
     torch._foreach_lerp_([a for a, _ in floats], [m for _, m in floats], 1 - decay)
@@ -195,27 +194,8 @@ def evaluate(model, x, y, tta=False):
 # checkpoints and files
 
 def save_atomic(obj, path):
-    """torch.save to a temp file, fsync, rename: a crash leaves the old file or the new one, never half of one."""
-    path = Path(path)
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:                   # after a failed write (full disk) no half file stays behind
-        tmp.unlink(missing_ok=True)
-
-
-def write_json(obj, path):
-    path = Path(path)
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    try:
-        tmp.write_text(json.dumps(obj, indent=2) + "\n")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with files.atomic_open(path, "wb") as f:
+        torch.save(obj, f)
 
 
 def load_checkpoint(path):
@@ -297,12 +277,7 @@ def open_csv(path, keep_epochs):
     if keep_epochs and path.exists():
         with open(path, newline="") as f:
             rows = [r for r in csv.DictReader(f) if r.get("epoch", "").isdigit() and int(r["epoch"]) <= keep_epochs]
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w", newline="") as f:
-        w = csv.DictWriter(f, CSV_COLUMNS)
-        w.writeheader()
-        w.writerows(rows)
-    os.replace(tmp, path)
+    files.write_csv(path, CSV_COLUMNS, rows)
     return open(path, "a", newline="")
 
 
@@ -366,8 +341,8 @@ def train_locked(cfg, device, paths, resume, log):
     train_x, train_y = d["train"]
     model = build_model(cfg, len(d["classes"]), device)
     opt = make_optimizer(model, cfg)
-    ema = AveragedModel(model, use_buffers=True) if cfg.ema else None     # updated by update_ema
-    eval_model = ema.module if ema else model
+    ema = copy.deepcopy(model) if cfg.ema else None     # weights and BN statistics, updated by update_ema
+    eval_model = ema if ema is not None else model
     steps = data.steps_per_epoch(len(train_x), cfg.batch_size)
     total_steps = steps * cfg.epochs
     epoch, first_step, elapsed0 = 0, 0, 0.0
@@ -418,7 +393,7 @@ def train_locked(cfg, device, paths, resume, log):
                 sums[1] += correct
                 sums[2] += len(y)
                 if ema:
-                    update_ema(ema.module, model, cfg.ema)
+                    update_ema(ema, model, cfg.ema)
                 if device.type == "cpu" or (i + 1) % 100 == 0 or i + 1 == steps:
                     check_finite(sums[0], epoch, i, lr, paths)  # note: a host sync on CUDA, hence every 100 steps
                 if cfg.log_every and (i + 1) % cfg.log_every == 0:
@@ -487,5 +462,5 @@ def finish(cfg, d, paths, device, first_batch_loss, wall_s, log, compile_s=0.0):
                "device": str(device),
                "files": [str(paths[k]) for k in ("csv", "best", "last", "summary")],
                "config": asdict(cfg), "versions": versions()}
-    write_json(summary, paths["summary"])
+    files.write_json(summary, paths["summary"])
     return summary

@@ -5,9 +5,7 @@
     python run_eval.py out/smoke.ckpt --data-dir /tmp/data
 """
 import argparse
-import csv
 import math
-import os
 import sys
 from pathlib import Path
 
@@ -15,6 +13,7 @@ import torch
 
 import data
 import engine
+import files
 from config import UserError
 
 
@@ -49,16 +48,8 @@ def write_outputs(result, folder):
     """<name>.eval.json (test) or <name>.<split>.eval.json, and the matching .per_class.csv."""
     stem = result["name"] if result["split"] == "test" else f"{result['name']}.{result['split']}"
     json_path, csv_path = folder / f"{stem}.eval.json", folder / f"{stem}.per_class.csv"
-    engine.write_json({k: v for k, v in result.items() if k != "per_class"}, json_path)
-    tmp = csv_path.with_name(f"{csv_path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "w", newline="") as f:
-            w = csv.DictWriter(f, ["class", "name", "n", "acc"])
-            w.writeheader()
-            w.writerows(result["per_class"])
-        os.replace(tmp, csv_path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    files.write_json({k: v for k, v in result.items() if k != "per_class"}, json_path)
+    files.write_csv(csv_path, ["class", "name", "n", "acc"], result["per_class"])
     return json_path, csv_path
 
 

@@ -16,13 +16,13 @@ import csv
 import fcntl
 import itertools
 import json
-import os
 import sys
 from dataclasses import replace
 from pathlib import Path
 
 import config
 import engine
+import files
 import run_train
 from resnet import ResNet
 
@@ -84,12 +84,7 @@ def update_summary(path, row, columns):
         fcntl.flock(lock, fcntl.LOCK_EX)
         rows = read_summary(path)
         rows[row["run"]] = row
-        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-        with open(tmp, "w", newline="") as f:
-            w = csv.DictWriter(f, columns, extrasaction="ignore", restval="")
-            w.writeheader()
-            w.writerows(sorted(rows.values(), key=lambda r: int(r["index"])))
-        os.replace(tmp, path)
+        files.write_csv(path, columns, sorted(rows.values(), key=lambda r: int(r["index"])))
 
 
 def result_row(index, name, varied, cfg, status, s=None):

@@ -9,20 +9,18 @@ The sweep's model is thrown away: no checkpoint or experiment is read or changed
 """
 import argparse
 import copy
-import csv
 import itertools
 import math
-import os
 import sys
 from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
-import torch
 
 import config
 import data
 import engine
+import files
 import run_train
 
 
@@ -30,7 +28,7 @@ def lr_sweep(model, cfg, x, y, start=1e-7, end=10.0, iters=200, beta=0.9, diverg
     """Train a copy of model for `iters` steps, the LR growing from start to end; returns (rows, why it stopped early)."""
     model = copy.deepcopy(model)        # the caller's model keeps its weights
     opt = engine.make_optimizer(model, cfg)
-    step_model = torch.compile(model) if engine.use_compile(cfg, x.device) else model
+    step_model = engine.compile_model(model, cfg) if engine.use_compile(cfg, x.device) else model
     batches = (b for epoch in itertools.count() for b in data.train_batches(x, y, cfg, epoch))
     rows, avg, lowest, stop = [], 0.0, math.inf, ""
     for i, (xb, yb) in zip(range(iters), batches):
@@ -69,16 +67,6 @@ def suggest(rows, skip=0.1):
     return {"suggested_lr": float(lr[steepest]), **out, "falling_range": [float(lr[lo]), float(lr[hi])]}
 
 
-def write_csv(rows, path):
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w", newline="") as f:
-        w = csv.DictWriter(f, ["iter", "lr", "loss", "smooth_loss"])
-        w.writeheader()
-        w.writerows({"iter": r["iter"], "lr": f"{r['lr']:.6g}", "loss": f"{r['loss']:.5f}",
-                     "smooth_loss": f"{r['smooth_loss']:.5f}"} for r in rows)
-    os.replace(tmp, path)
-
-
 def main():
     p = argparse.ArgumentParser(parents=[run_train.get_args_parser(add_help=False)], description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -110,8 +98,10 @@ def main():
               "start": args.start, "end": args.end, "smooth": args.smooth, "diverge": args.diverge,
               "device": str(device), "config": asdict(cfg), "versions": engine.versions()}
     paths = [out / f"{cfg.name}.lrfind.csv", out / f"{cfg.name}.lrfind.json"]
-    write_csv(rows, paths[0])
-    engine.write_json(result, paths[1])
+    files.write_csv(paths[0], ["iter", "lr", "loss", "smooth_loss"],
+                    ({"iter": r["iter"], "lr": f"{r['lr']:.6g}", "loss": f"{r['loss']:.5f}",
+                      "smooth_loss": f"{r['smooth_loss']:.5f}"} for r in rows))
+    files.write_json(result, paths[1])
 
     print(f"stopped early after {len(rows)} steps: {stop}" if stop else f"swept all {len(rows)} steps")
     if result["suggested_lr"] is None:

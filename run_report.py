@@ -13,6 +13,8 @@ import os
 import sys
 from pathlib import Path
 
+import files
+
 
 def read_csv(path):
     if not path.is_file():
@@ -244,9 +246,8 @@ def main(argv=None):
     try:
         report.parent.mkdir(parents=True, exist_ok=True)
         md = build(args.out, args.exp, args.grid, args.compare.split(",") if args.compare else [], report)
-        tmp = report.with_name(f"{report.name}.{os.getpid()}.tmp")
-        tmp.write_text("\n".join(md))
-        os.replace(tmp, report)
+        with files.atomic_open(report) as f:
+            f.write("\n".join(md))
     except OSError as e:
         sys.exit(f"error: cannot write {report}: {e.strerror}")
     except (KeyError, ValueError, json.JSONDecodeError) as e:
