@@ -83,8 +83,9 @@ def plot_lrfind(plt, rows, info, path):
     lrs = [float(r["lr"]) for r in rows]
     ax.plot(lrs, [float(r["loss"]) for r in rows], alpha=0.3, label="loss")
     ax.plot(lrs, [float(r["smooth_loss"]) for r in rows], label="smoothed loss")
-    ax.axvspan(*info["falling_range"], color="green", alpha=0.1, label="range where the loss falls")
-    ax.axvline(info["suggested_lr"], color="red", linestyle="--", label=f"suggested {info['suggested_lr']:.1e}")
+    if info["suggested_lr"]:
+        ax.axvspan(*info["falling_range"], color="green", alpha=0.1, label="range where the loss falls")
+        ax.axvline(info["suggested_lr"], color="red", linestyle="--", label=f"suggested {info['suggested_lr']:.1e}")
     ax.set_xscale("log")
     style(ax, "learning rate (log scale)", "training loss", f"LR range test: {info['exp']}")
     save(plt, fig, path)
@@ -183,10 +184,14 @@ def build(out, exps, grid, compare, report_path):
     md += ["## 6. LR finder", ""]
     for e in exps:
         rows, info = read_csv(out / f"{e}.lrfind.csv"), read_json(out / f"{e}.lrfind.json")
-        if rows and info:
+        if rows and info and not info["suggested_lr"]:
+            md += [f"`{e}`: the loss never fell over {info['iters']} steps: widen --start/--end "
+                   f"(from `{out}/{e}.lrfind.json`).", ""]
+        elif rows and info:
             lo, hi = info["falling_range"]
             md += [f"`{e}`: suggested LR (steepest descent) {info['suggested_lr']:.2e}; min-loss LR / 10 "
                    f"{info['min_div10_lr']:.2e}; loss falls from {lo:.1e} to {hi:.1e} (from `{out}/{e}.lrfind.json`).", ""]
+        if rows and info:
             figure(f"lrfind_{e}", f"LR range test of {e}", f"{out}/{e}.lrfind.csv", plot_lrfind, rows, info)
         else:
             md += not_run(f"the LR finder for {e}", f"python run_lrfind.py --exp {e}")

@@ -23,10 +23,11 @@ def run(script, *args):
 def study(tmp_path_factory):
     """out/ after smoke runs of every tool, as a user makes them."""
     tmp = tmp_path_factory.mktemp("study")
-    out, dirs = tmp / "out", ["--out", str(tmp / "out"), "--data-dir", str(tmp / "data")]
-    run("run_train.py", "--exp", "smoke", *dirs)
-    run("run_train.py", "--exp", "smoke", "--set", "name=smoke_sgd", "--set", "optimizer=sgd", "--set", "lr=0.1", *dirs)
-    run("run_lrfind.py", "--exp", "smoke", "--iters", "60", *dirs)
+    out = tmp / "out"
+    dirs = ["--out", str(out), "--data-dir", str(tmp / "data"), "--set", "subset=800"]     # small: only files matter
+    run("run_train.py", "--exp", "smoke", "--epochs", "3", *dirs)
+    run("run_train.py", "--exp", "smoke", "--epochs", "3", "--set", "name=smoke_sgd", "--set", "optimizer=sgd", *dirs)
+    run("run_lrfind.py", "--exp", "smoke", "--iters", "30", *dirs)
     run("run_grid.py", "--grid", "smoke_grid", *dirs)
     run("run_eval.py", str(out / "smoke.ckpt"), "--data-dir", str(tmp / "data"))
     run("data.py", "--dataset", "synthetic", "--out", str(out), "--data-dir", str(tmp / "data"))
