@@ -6,7 +6,6 @@
 import contextlib
 import copy
 import csv
-import fcntl
 import json
 import math
 import os
@@ -252,25 +251,6 @@ def run_paths(cfg):
             [("csv", ".csv"), ("best", ".ckpt"), ("last", ".last.ckpt"), ("summary", ".json"), ("lock", ".lock")]}
 
 
-@contextlib.contextmanager
-def run_lock(path):
-    """Hold an exclusive lock on path while the run lives; a second run of the same name is refused."""
-    try:
-        f = open(path, "a")
-    except OSError as e:
-        raise UserError(f"cannot write to {path.parent}: {e.strerror}")
-    try:
-        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        f.close()
-        raise UserError(f"another run is writing {path.with_suffix('')}.* (lock {path} is held); "
-                        f"wait for it or use another --out")
-    try:
-        yield
-    finally:
-        f.close()
-
-
 def open_csv(path, keep_epochs):
     """The epoch CSV opened for appending, holding only the rows of epochs 1..keep_epochs."""
     rows = []
@@ -308,7 +288,7 @@ def train(cfg, resume=False, log=print):
         paths["csv"].parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise UserError(f"cannot create output folder {paths['csv'].parent}: {e.strerror}")
-    with run_lock(paths["lock"]):
+    with files.run_lock(paths["lock"]):
         for key in ("csv", "best", "last", "summary"):    # half-written files of a run killed mid-write
             for stale in paths[key].parent.glob(f"{paths[key].name}.*.tmp"):
                 stale.unlink()

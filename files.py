@@ -1,9 +1,13 @@
-"""Atomic file writes: a crash or a full disk leaves the old file or the new one, never half of one."""
+"""File safety: atomic writes (a crash or a full disk leaves the old file or the new one, never half of one)
+and the lock that keeps two runs from writing the same files."""
 import contextlib
 import csv
+import fcntl
 import json
 import os
 from pathlib import Path
+
+from config import UserError
 
 
 @contextlib.contextmanager
@@ -32,3 +36,22 @@ def write_csv(path, columns, rows):
         w = csv.DictWriter(f, columns, extrasaction="ignore", restval="")
         w.writeheader()
         w.writerows(rows)
+
+
+@contextlib.contextmanager
+def run_lock(path):
+    """Hold an exclusive lock on path while the run lives; a second run of the same name is refused."""
+    try:
+        f = open(path, "a")
+    except OSError as e:
+        raise UserError(f"cannot write to {path.parent}: {e.strerror}")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.close()
+        raise UserError(f"another run is writing {path.with_suffix('')}.* (lock {path} is held); "
+                        f"wait for it or use another --out")
+    try:
+        yield
+    finally:
+        f.close()
