@@ -47,9 +47,14 @@ def fetch_cifar100(root, download=True):
     if download and network_available():
         from torchvision.datasets.utils import download_and_extract_archive
         print(f"downloading CIFAR-100 to {root} ...", flush=True)
-        download_and_extract_archive(URL, str(root), md5=MD5)
+        try:
+            download_and_extract_archive(URL, str(root), md5=MD5)
+        except (OSError, RuntimeError) as e:       # a dropped connection, a full disk, a bad md5
+            raise UserError(f"downloading CIFAR-100 to {root} failed ({type(e).__name__}: {e}); try again, "
+                            f"or put the extracted cifar-100-python/ folder there by hand")
         return folder
     missing = ", ".join(f for f in FILES if not (folder / f).is_file())
+    root, folder = root.resolve(), folder.resolve()
     raise UserError(f"CIFAR-100 not found: {folder} lacks {missing}. Put the extracted cifar-100-python/ folder "
                     f"(from {URL}) in {root}, or point --data-dir or CIFAR100_ROOT at the folder holding it")
 
