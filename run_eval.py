@@ -64,7 +64,7 @@ def main():
     args = p.parse_args()
     try:
         r = evaluate_checkpoint(args.checkpoint, args.split, args.tta, args.data_dir, args.device)
-        files = write_outputs(r, args.checkpoint.parent)
+        written = write_outputs(r, args.checkpoint.parent)
     except UserError as e:
         sys.exit(f"error: {e}")
     except OSError as e:       # a read-only or full folder beside the checkpoint
@@ -76,7 +76,7 @@ def main():
           f"uniform random {100 * b['uniform_random']['acc']:.2f}% (loss {b['uniform_random']['loss']:.4f})")
     worst = sorted((c for c in r["per_class"] if c["n"]), key=lambda c: c["acc"])
     print("hardest classes: " + ", ".join(f"{c['name']} {100 * c['acc']:.0f}%" for c in worst[:5]))
-    print("files: " + " ".join(map(str, files)))
+    print("files: " + " ".join(map(str, written)))
 
 
 if __name__ == "__main__":
