@@ -336,15 +336,16 @@ def train_locked(cfg, device, paths, resume, log):
         torch.set_rng_state(state["rng"]["torch"])
         epoch, first_step, elapsed0, best = state["epoch"], state["step_in_epoch"], state["elapsed_s"], state["best"]
         sums = state["epoch_sums"].to(device)
+        first_batch_loss = state["first_batch_loss"]
         log(f"resuming {cfg.name} at epoch {epoch + 1} step {first_step} from {paths['last']}")
-    else:
-        first_batch_loss = check_first_batch(model, train_x, train_y, cfg, log)
-    first_batch_loss = state["first_batch_loss"] if state else first_batch_loss
+    first_batch = next(data.train_batches(train_x, train_y, cfg, epoch=0))    # note: augments a whole epoch, so once
+    if not state:
+        first_batch_loss = check_first_batch(model, *first_batch, log)
     t_run = time.time()
     compiled, compile_s = model, 0.0
     if use_compile(cfg, device):
         compiled = compile_model(model, cfg)
-        compile_s = warm_up(model, cfg, *next(data.train_batches(train_x, train_y, cfg, epoch=0)))
+        compile_s = warm_up(model, cfg, *first_batch)
         log(f"compiled in {compile_s:.1f}s (kept apart from training time)")
     csv_file = open_csv(paths["csv"], epoch)
     writer = csv.DictWriter(csv_file, CSV_COLUMNS)
@@ -410,10 +411,9 @@ def train_locked(cfg, device, paths, resume, log):
     return finish(cfg, d, paths, device, first_batch_loss, elapsed0 + time.time() - t_run, log, compile_s)
 
 
-def check_first_batch(model, x, y, cfg, log):
+def check_first_batch(model, xb, yb, log):
     """Loss of the first training batch before any update, on a copy (about ln(classes) when all is well)."""
     probe = copy.deepcopy(model)
-    xb, yb = next(data.train_batches(x, y, cfg, epoch=0))
     with torch.no_grad(), autocast(xb.device):
         loss = F.cross_entropy(probe(to_model_format(xb)).float(), yb).item()
     n_classes = model.fc.out_features

@@ -19,7 +19,7 @@ def test_split_is_45k_5k_stratified_disjoint_and_fixed():
     train2, val2 = data.stratified_split(y)
     assert (len(train), len(val)) == (45_000, 5_000)
     assert torch.bincount(y[val]).tolist() == [50] * 100
-    assert not set(train.tolist()) & set(val.tolist())
+    assert not set(train.tolist()) & set(val.tolist()) and len(train) + len(val) == len(y)
     assert torch.equal(val, val2) and torch.equal(train, train2)
 
 

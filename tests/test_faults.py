@@ -128,20 +128,6 @@ def test_another_seed_changes_the_run_but_not_the_validation_split(seed_0_run, d
     assert torch.equal(val[0][0], val[1][0]) and torch.equal(val[0][1], val[1][1])
 
 
-def test_split_is_45k_5k_stratified_and_ignores_the_global_seed():
-    shuffle = torch.randperm(50_000, generator=torch.Generator().manual_seed(3))
-    labels = torch.arange(100).repeat_interleave(500)[shuffle]       # CIFAR-100's 500 training images per class
-    splits = []
-    for seed in (0, 1):
-        torch.manual_seed(seed)
-        splits.append(data.stratified_split(labels))
-    (train_idx, val_idx), (train_idx_1, val_idx_1) = splits
-    assert (len(train_idx), len(val_idx)) == (45_000, 5_000)
-    assert torch.bincount(labels[val_idx], minlength=100).tolist() == [50] * 100
-    assert len(set(train_idx.tolist()) | set(val_idx.tolist())) == 50_000
-    assert torch.equal(train_idx, train_idx_1) and torch.equal(val_idx, val_idx_1)
-
-
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_deterministic_flag_gives_identical_runs_on_cuda(data_dir, tmp_path):
     for name in ("a", "b"):
