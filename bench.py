@@ -64,7 +64,7 @@ def time_training(cfg, device, amp, channels_last, compile_setting, steps, warmu
     """(images/s, compile seconds or None) of training steps of cfg's model on one fixed random batch."""
     torch.manual_seed(0)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
-    model = ResNet(cfg.blocks, cfg.channels).to(device, memory_format=fmt)
+    model = ResNet(cfg.blocks, cfg.channels, stem_stride=cfg.stem_stride).to(device, memory_format=fmt)
     opt = engine.make_optimizer(model, cfg)
     x = torch.randn(cfg.batch_size, 3, 32, 32, device=device).contiguous(memory_format=fmt)
     y = torch.randint(0, 100, (cfg.batch_size,), device=device)
@@ -211,7 +211,7 @@ def main():
         x = torch.randint(0, 256, (max(n_ours, n_report), 3, 32, 32), dtype=torch.uint8, generator=g)
         y = torch.randint(0, 100, (len(x),), generator=g)
     v = engine.versions()
-    params = ResNet(cfg.blocks, cfg.channels).num_params()
+    params = ResNet(cfg.blocks, cfg.channels, stem_stride=cfg.stem_stride).num_params()
     result = {"exp": args.exp, "blocks": cfg.blocks, "channels": cfg.channels, "params": params,
               "optimizer": cfg.optimizer, "batch_size": cfg.batch_size, "steps": steps, "warmup": warmup,
               "device": v["gpu"] or f"cpu, {torch.get_num_threads()} threads", "versions": v,

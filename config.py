@@ -31,6 +31,7 @@ class Config:
     # model
     blocks: list = field(default_factory=lambda: [3, 3, 3])
     channels: list = field(default_factory=lambda: [64, 128, 256])
+    stem_stride: int = 1           # 1: the report's 3x3 conv stem; s > 1: an s x s patch conv of stride s (s^2 x fewer pixels)
     # optim
     optimizer: str = "adam"        # "sgd" (momentum, nesterov), "adam" or "adamw"
     lr: float = 0.002              # peak LR
@@ -49,6 +50,7 @@ class Config:
     tta: bool = False              # average logits over the image and its horizontal flip
     # system
     device: str = "auto"           # "auto" (cuda if available), "cuda" or "cpu"
+    precision: str = "auto"        # "auto" (bf16 autocast on CUDA, fp32 on CPU), "bf16" (on CPU too: fast with AMX), "fp32"
     compile: str = "auto"          # "auto" (on for CUDA, off for CPU), "on", "off", or a torch.compile mode:
                                    # "reduce-overhead" (CUDA graphs), "max-autotune-no-cudagraphs" (see bench.py)
     seed: int = 0
@@ -62,6 +64,7 @@ class Config:
 
 CHOICES = {"dataset": ("cifar100", "synthetic"), "optimizer": ("sgd", "adam", "adamw"),
            "schedule": ("constant", "cosine", "onecycle"), "device": ("auto", "cuda", "cpu"),
+           "precision": ("auto", "bf16", "fp32"),
            "compile": ("auto", "on", "off", "reduce-overhead", "max-autotune-no-cudagraphs")}
 FIELD_TYPES = {f.name: type(f.default) if f.default is not dataclasses.MISSING else list
                for f in dataclasses.fields(Config)}
@@ -94,7 +97,7 @@ def check_value(key, value):
 
 def validate(cfg):
     """Reject impossible combinations and out-of-range values."""
-    positive = ["lr", "batch_size", "epochs"]
+    positive = ["lr", "batch_size", "epochs", "stem_stride"]
     non_negative = ["weight_decay", "subset", "cutout", "momentum", "warmup", "final_lr", "log_every"]
     for key in positive:
         if getattr(cfg, key) <= 0:

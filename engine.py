@@ -83,13 +83,14 @@ def warm_up(model, cfg, x, y):
     return time.time() - t0
 
 
-def autocast(device):
-    """bf16 autocast on CUDA (no GradScaler needed), plain fp32 on CPU."""
-    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
+def autocast(device, precision="auto"):
+    """bf16 autocast (no GradScaler needed) on CUDA, or anywhere with precision "bf16"; else plain fp32."""
+    bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
+    return torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
 
 
 def to_model_format(x):
-    return x.contiguous(memory_format=torch.channels_last) if x.is_cuda else x
+    return x.contiguous(memory_format=torch.channels_last)
 
 
 def versions():
@@ -107,8 +108,7 @@ def versions():
 # model, optimizer, schedule
 
 def build_model(cfg, num_classes=100, device="cpu"):
-    model = ResNet(cfg.blocks, cfg.channels, num_classes).to(device)
-    return model.to(memory_format=torch.channels_last) if torch.device(device).type == "cuda" else model
+    return ResNet(cfg.blocks, cfg.channels, num_classes, cfg.stem_stride).to(device, memory_format=torch.channels_last)
 
 
 def make_optimizer(model, cfg):
@@ -138,7 +138,7 @@ def train_step(model, opt, x, y, cfg, lr):
     """One forward/backward/update; returns (loss, correct) as device tensors, no host sync."""
     for group in opt.param_groups:
         group["lr"] = lr
-    with autocast(x.device):
+    with autocast(x.device, cfg.precision):
         logits = model(to_model_format(x))
     loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing)
     opt.zero_grad(set_to_none=True)
@@ -162,14 +162,14 @@ def update_ema(averaged, model, decay):
 # evaluation
 
 @torch.no_grad()
-def predict(model, x, tta=False, batch_size=1000):
+def predict(model, x, tta=False, precision="auto", batch_size=1000):
     """Logits (float32) of every image in uint8 x, optionally averaged with the flipped image's."""
     was_training = model.training
     model.eval()
     out = []
     for xb, _ in data.eval_batches(x, x, batch_size):
         xb = to_model_format(xb)
-        with autocast(xb.device):
+        with autocast(xb.device, precision):
             logits = model(xb).float()
             if tta:
                 logits = (logits + model(xb.flip(3)).float()) / 2
@@ -185,8 +185,8 @@ def metrics(logits, y):
             "top5": (top5 == y[:, None]).any(1).float().mean().item()}
 
 
-def evaluate(model, x, y, tta=False):
-    return metrics(predict(model, x, tta), y)
+def evaluate(model, x, y, tta=False, precision="auto"):
+    return metrics(predict(model, x, tta, precision), y)
 
 
 # ----------------------------------------------------------------------------
@@ -340,7 +340,7 @@ def train_locked(cfg, device, paths, resume, log):
         log(f"resuming {cfg.name} at epoch {epoch + 1} step {first_step} from {paths['last']}")
     first_batch = next(data.train_batches(train_x, train_y, cfg, epoch=0))    # note: augments a whole epoch, so once
     if not state:
-        first_batch_loss = check_first_batch(model, *first_batch, log)
+        first_batch_loss = check_first_batch(model, *first_batch, cfg.precision, log)
     t_run = time.time()
     compiled, compile_s = model, 0.0
     if use_compile(cfg, device):
@@ -390,7 +390,7 @@ def train_locked(cfg, device, paths, resume, log):
             if device.type == "cuda":
                 torch.cuda.synchronize()
             epoch_s = time.time() - t0
-            val = evaluate(eval_model, *d["val"], tta=cfg.tta)
+            val = evaluate(eval_model, *d["val"], cfg.tta, cfg.precision)
             epoch += 1
             train_loss, train_acc = (sums[:2] / sums[2]).tolist()
             row = {"epoch": epoch, "lr": f"{lr:.6g}", "train_loss": f"{train_loss:.5f}", "train_acc": f"{train_acc:.5f}",
@@ -411,10 +411,10 @@ def train_locked(cfg, device, paths, resume, log):
     return finish(cfg, d, paths, device, first_batch_loss, elapsed0 + time.time() - t_run, log, compile_s)
 
 
-def check_first_batch(model, xb, yb, log):
+def check_first_batch(model, xb, yb, precision, log):
     """Loss of the first training batch before any update, on a copy (about ln(classes) when all is well)."""
     probe = copy.deepcopy(model)
-    with torch.no_grad(), autocast(xb.device):
+    with torch.no_grad(), autocast(xb.device, precision):
         loss = F.cross_entropy(probe(to_model_format(xb)).float(), yb).item()
     n_classes = model.fc.out_features
     log(f"first-batch loss {loss:.3f} (expected about ln {n_classes} = {math.log(n_classes):.3f})")
@@ -432,7 +432,7 @@ def finish(cfg, d, paths, device, first_batch_loss, wall_s, log, compile_s=0.0):
     """Test the best checkpoint once, write the summary JSON, return it."""
     best_ckpt = load_checkpoint(paths["best"])
     best_model = model_from(best_ckpt, device)
-    test = evaluate(best_model, *d["test"], tta=cfg.tta)
+    test = evaluate(best_model, *d["test"], cfg.tta, cfg.precision)
     with open(paths["csv"], newline="") as f:
         train_s = sum(float(r["epoch_s"]) for r in csv.DictReader(f))
     summary = {"name": cfg.name, "best_epoch": best_ckpt["epoch"], "best_val_acc": best_ckpt["metrics"]["val_acc"],

@@ -26,13 +26,16 @@ class BasicBlock(nn.Module):
 
 
 class ResNet(nn.Module):
-    """Stem conv, len(blocks) stages of BasicBlocks (stride 2 from the second stage), GAP, linear."""
+    """Stem conv, len(blocks) stages of BasicBlocks (stride 2 from the second stage), GAP, linear.
+    stem_stride 1 is the report's 3x3 stem; s > 1 makes it an s x s patch conv of stride s."""
 
-    def __init__(self, blocks, channels, num_classes=100):
+    def __init__(self, blocks, channels, num_classes=100, stem_stride=1):
         super().__init__()
         if len(blocks) != len(channels) or not blocks:
             raise ValueError(f"blocks {blocks} and channels {channels} must be non-empty and of equal length")
-        self.stem = nn.Sequential(nn.Conv2d(3, channels[0], 3, 1, 1, bias=False),
+        stem = nn.Conv2d(3, channels[0], 3, 1, 1, bias=False) if stem_stride == 1 else \
+            nn.Conv2d(3, channels[0], stem_stride, stem_stride, bias=False)
+        self.stem = nn.Sequential(stem,
                                   nn.BatchNorm2d(channels[0]), nn.ReLU(inplace=True))
         layers, c_in = [], channels[0]
         for stage, (n, c) in enumerate(zip(blocks, channels)):

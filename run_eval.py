@@ -29,7 +29,7 @@ def evaluate_checkpoint(path, split="test", tta=None, data_dir=None, device="aut
     model = engine.model_from(ckpt, device)
     d = data.load(cfg, device)
     x, y = d[split]
-    logits = engine.predict(model, x, tta)
+    logits = engine.predict(model, x, tta, cfg.precision)
     result = {"checkpoint": str(path), "name": cfg.name, "split": split, "tta": tta, "n": len(y),
               **engine.metrics(logits, y), "epoch": ckpt.get("epoch"), "val_acc_at_save": ckpt.get("metrics", {}).get("val_acc")}
     n_classes = len(d["classes"])

@@ -89,7 +89,7 @@ def update_summary(path, row, columns):
 
 def result_row(index, name, varied, cfg, status, s=None):
     row = {"index": index, "run": name, **{k: json.dumps(v) if isinstance(v, list) else v for k, v in varied.items()},
-           "params": s["params"] if s else ResNet(cfg.blocks, cfg.channels).num_params(), "status": status}
+           "params": s["params"] if s else ResNet(cfg.blocks, cfg.channels, stem_stride=cfg.stem_stride).num_params(), "status": status}
     if s:
         row.update(best_val_acc=f"{s['best_val_acc']:.5f}", best_epoch=s["best_epoch"],
                    test_acc=f"{s['test_acc']:.5f}", train_s=f"{s['train_s']:.1f}")
