@@ -45,6 +45,7 @@ class Config:
     warmup: float = 0.0            # fraction of all steps spent warming up linearly from 0
     final_lr: float = 0.0          # fraction of lr reached at the end (cosine, onecycle)
     # evaluation
+    val_every: int = 1             # validate every N epochs, and always after the last; best chosen among those
     ema: float = 0.0               # decay of an exponential moving average of weights; 0 = off
     tta: bool = False              # average logits over the image and its horizontal flip
     # system
@@ -94,7 +95,7 @@ def check_value(key, value):
 
 def validate(cfg):
     """Reject impossible combinations and out-of-range values."""
-    positive = ["lr", "batch_size", "epochs"]
+    positive = ["lr", "batch_size", "epochs", "val_every"]
     non_negative = ["weight_decay", "subset", "cutout", "momentum", "warmup", "final_lr", "log_every"]
     for key in positive:
         if getattr(cfg, key) <= 0:
