@@ -48,6 +48,12 @@ class Config:
     val_every: int = 1             # validate every N epochs, and always after the last; best chosen among those
     ema: float = 0.0               # decay of an exponential moving average of weights; 0 = off
     tta: bool = False              # average logits over the image and its horizontal flip
+    # LR finder (run_lrfind.py; its --start, --end, --iters, --diverge and --stop override these)
+    lrfind_start: float = 1e-7     # first LR of the sweep, growing exponentially to lrfind_end
+    lrfind_end: float = 10.0
+    lrfind_iters: int = 200        # steps, one batch and one LR each
+    lrfind_diverge: float = 4.0    # stop once the loss passes this x its minimum so far
+    lrfind_stop: str = "smooth"    # the loss that rule reads: "smooth" (moving average) or "raw" (the report's)
     # system
     device: str = "auto"           # "auto" (cuda if available), "cuda" or "cpu"
     compile: str = "auto"          # "auto" (on for CUDA, off for CPU), "on", "off", or a torch.compile mode:
@@ -61,7 +67,7 @@ class Config:
     note: str = ""                 # measured result of the recipe (experiments.json only)
 
 
-CHOICES = {"dataset": ("cifar100", "synthetic"), "optimizer": ("sgd", "adam", "adamw"),
+CHOICES = {"dataset": ("cifar100", "synthetic"), "optimizer": ("sgd", "adam", "adamw"), "lrfind_stop": ("smooth", "raw"),
            "schedule": ("constant", "cosine", "onecycle"), "device": ("auto", "cuda", "cpu"),
            "compile": ("auto", "on", "off", "reduce-overhead", "max-autotune-no-cudagraphs")}
 FIELD_TYPES = {f.name: type(f.default) if f.default is not dataclasses.MISSING else list
@@ -95,7 +101,7 @@ def check_value(key, value):
 
 def validate(cfg):
     """Reject impossible combinations and out-of-range values."""
-    positive = ["lr", "batch_size", "epochs", "val_every"]
+    positive = ["lr", "batch_size", "epochs", "val_every", "lrfind_start"]
     non_negative = ["weight_decay", "subset", "cutout", "momentum", "warmup", "final_lr", "log_every"]
     for key in positive:
         if getattr(cfg, key) <= 0:
@@ -106,6 +112,9 @@ def validate(cfg):
     for key in ["label_smoothing", "ema", "momentum", "warmup"]:
         if not 0 <= getattr(cfg, key) < 1:
             raise UserError(f"config key '{key}' must be in [0, 1), got {getattr(cfg, key)}")
+    if not (cfg.lrfind_start < cfg.lrfind_end and cfg.lrfind_iters >= 10 and cfg.lrfind_diverge > 1):
+        raise UserError(f"LR finder: need lrfind_start < lrfind_end, lrfind_iters >= 10 and lrfind_diverge > 1, got "
+                        f"{cfg.lrfind_start:g}, {cfg.lrfind_end:g}, {cfg.lrfind_iters}, {cfg.lrfind_diverge:g}")
     if len(cfg.blocks) != len(cfg.channels):
         raise UserError(f"config keys 'blocks' {cfg.blocks} and 'channels' {cfg.channels} must have the same length")
     if min(cfg.blocks) < 1 or min(cfg.channels) < 1:

@@ -31,7 +31,8 @@ FORMAT_VERSION = 1
 PREEMPTED_EXIT = 75         # exit code after a stop signal: last.ckpt is saved, requeue and --resume
 CSV_COLUMNS = ["epoch", "lr", "train_loss", "train_acc", "val_loss", "val_acc", "val_top5",
                "epoch_s", "img_per_s", "elapsed_s"]
-RESUMABLE_CHANGES = {"data_dir", "download", "device", "compile", "log_every", "out_dir", "note", "deterministic"}
+RESUMABLE_CHANGES = {"data_dir", "download", "device", "compile", "log_every", "out_dir", "note", "deterministic",
+                     "lrfind_start", "lrfind_end", "lrfind_iters", "lrfind_diverge", "lrfind_stop"}
 
 
 class Diverged(UserError):
