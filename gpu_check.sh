@@ -73,7 +73,7 @@ and torch.cuda.get_device_name())"; } 2>&1 | tee "$OUT/logs/versions.log"
 step data 40 "$PY" data.py "${DATA_PY[@]}" --out "$RUNS" --json
 # bench                        ~50 s: start ~5 s, pipelines ~10 s, eager modes ~5 s, one compile ~30 s
 step bench 80 "$PY" bench.py "${BENCH[@]}" --json --out "$RUNS"
-# LR finder, report            ~20 s: start + data ~10 s, 200 eager steps of batch 128
+# LR finder, report            ~15 s: start + data ~10 s, 100 eager steps of batch 128 (the report's sweep)
 step lrfind 45 "$PY" run_lrfind.py --exp report "${DATA[@]}" "${TINY[@]}" "${LRFIND[@]}" --out "$RUNS"
 # fast   ~55 s: start + data ~10 s, compile ~30 s, training ~5-8 s (target <= 5), evaluations ~5 s; eval ~10 s
 step fast 90 "$PY" run_train.py --exp fast "${DATA[@]}" "${TINY[@]}" --out "$RUNS"

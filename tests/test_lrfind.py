@@ -67,6 +67,18 @@ def test_raw_stop_rule_ends_at_the_first_loss_past_4x_the_lowest_raw_loss_as_the
     assert len(sweep(model, cfg, x, y, 1e-6, 1.0, 12)[0]) > 5        # the smoothed loss reads the same steps calmly
 
 
+def test_report_sweeps_1e6_to_1_in_100_steps_unless_flags_say_otherwise(tmp_path, data_dir):
+    args = ["--exp", "report", "--set", "dataset=synthetic", "--set", "subset=128", "--set", "blocks=[1]", "--set",
+            "channels=[8]", "--data-dir", str(data_dir), "--out", str(tmp_path)]
+    r = subprocess.run([sys.executable, str(ROOT / "run_lrfind.py"), *args, "--iters", "12"],
+                       capture_output=True, text=True, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert "sgd momentum 0.9 wd 0.0001 batch 128 | 12 steps 1.0e-06 .. 1.0e+00, stop at 4x the raw loss's minimum" in r.stdout
+    result = json.loads((tmp_path / "report.lrfind.json").read_text())
+    assert (result["start"], result["end"], result["diverge"], result["stop_on"], result["config"]["lrfind_iters"]) == \
+        (1e-6, 1.0, 4.0, "raw", 12)
+
+
 def test_sweep_leaves_the_given_model_unchanged(data_dir):
     cfg, model, (x, y) = smoke(data_dir)
     before = {k: v.clone() for k, v in model.state_dict().items()}

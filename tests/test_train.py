@@ -120,9 +120,21 @@ def test_lr_schedules_warm_up_and_decay_per_step():
     assert engine.lr_at(77, 100, config.Config(lr=0.002)) == 0.002
 
 
+def test_report_overfit64_and_report_repo_hold_the_report_repositorys_settings():
+    recipe = ("sgd", 0.9, False, 0.002, 1e-4, 128, 20, "constant", True, 0)
+    keys = ("optimizer", "momentum", "nesterov", "lr", "weight_decay", "batch_size", "epochs", "schedule", "augment", "subset")
+    report, repo, overfit = (config.resolve(e) for e in ("report", "report_repo", "overfit64"))
+    assert tuple(getattr(report, k) for k in keys) == recipe
+    assert tuple(getattr(repo, k) for k in keys) == recipe[:8] + (False, 0)
+    assert tuple(getattr(overfit, k) for k in keys) == ("sgd", 0.9, False, 0.1, 1e-4, 64, 50, "constant", False, 64)
+    assert (report.lrfind_start, report.lrfind_end, report.lrfind_iters, report.lrfind_diverge, report.lrfind_stop) == \
+        (1e-6, 1.0, 100, 4.0, "raw")
+    assert config.resolve("smoke").optimizer == "adam"
+
+
 def test_config_precedence_and_compile_default():
     cfg = config.resolve("report", [("lr", 0.01)])
-    assert (cfg.lr, cfg.optimizer, cfg.batch_size, cfg.epochs, cfg.name) == (0.01, "adam", 128, 20, "report")
+    assert (cfg.lr, cfg.optimizer, cfg.batch_size, cfg.epochs, cfg.name) == (0.01, "sgd", 128, 20, "report")
     assert not engine.use_compile(cfg, engine.torch.device("cpu"))
     assert engine.use_compile(config.resolve("report", [("compile", "on")]), engine.torch.device("cpu"))
 
