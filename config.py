@@ -46,8 +46,15 @@ class Config:
     warmup: float = 0.0            # fraction of all steps spent warming up linearly from 0
     final_lr: float = 0.0          # fraction of lr reached at the end (cosine, onecycle)
     # evaluation
+    val_every: int = 1             # validate every N epochs, and always after the last; best chosen among those
     ema: float = 0.0               # decay of an exponential moving average of weights; 0 = off
     tta: bool = False              # average logits over the image and its horizontal flip
+    # LR finder (run_lrfind.py; its --start, --end, --iters, --diverge and --stop override these)
+    lrfind_start: float = 1e-7     # first LR of the sweep, growing exponentially to lrfind_end
+    lrfind_end: float = 10.0
+    lrfind_iters: int = 200        # steps, one batch and one LR each
+    lrfind_diverge: float = 4.0    # stop once the loss passes this x its minimum so far
+    lrfind_stop: str = "smooth"    # the loss that rule reads: "smooth" (moving average) or "raw" (the report's)
     # system
     device: str = "auto"           # "auto" (cuda if available), "cuda" or "cpu"
     precision: str = "auto"        # "auto" (bf16 autocast on CUDA, fp32 on CPU), "bf16" (on CPU too: fast with AMX), "fp32"
@@ -62,7 +69,7 @@ class Config:
     note: str = ""                 # measured result of the recipe (experiments.json only)
 
 
-CHOICES = {"dataset": ("cifar100", "synthetic"), "optimizer": ("sgd", "adam", "adamw"),
+CHOICES = {"dataset": ("cifar100", "synthetic"), "optimizer": ("sgd", "adam", "adamw"), "lrfind_stop": ("smooth", "raw"),
            "schedule": ("constant", "cosine", "onecycle"), "device": ("auto", "cuda", "cpu"),
            "precision": ("auto", "bf16", "fp32"),
            "compile": ("auto", "on", "off", "reduce-overhead", "max-autotune-no-cudagraphs")}
@@ -97,7 +104,7 @@ def check_value(key, value):
 
 def validate(cfg):
     """Reject impossible combinations and out-of-range values."""
-    positive = ["lr", "batch_size", "epochs", "stem_stride"]
+    positive = ["lr", "batch_size", "epochs", "stem_stride", "val_every", "lrfind_start"]
     non_negative = ["weight_decay", "subset", "cutout", "momentum", "warmup", "final_lr", "log_every"]
     for key in positive:
         if getattr(cfg, key) <= 0:
@@ -108,6 +115,9 @@ def validate(cfg):
     for key in ["label_smoothing", "ema", "momentum", "warmup"]:
         if not 0 <= getattr(cfg, key) < 1:
             raise UserError(f"config key '{key}' must be in [0, 1), got {getattr(cfg, key)}")
+    if not (cfg.lrfind_start < cfg.lrfind_end and cfg.lrfind_iters >= 10 and cfg.lrfind_diverge > 1):
+        raise UserError(f"LR finder: need lrfind_start < lrfind_end, lrfind_iters >= 10 and lrfind_diverge > 1, got "
+                        f"{cfg.lrfind_start:g}, {cfg.lrfind_end:g}, {cfg.lrfind_iters}, {cfg.lrfind_diverge:g}")
     if len(cfg.blocks) != len(cfg.channels):
         raise UserError(f"config keys 'blocks' {cfg.blocks} and 'channels' {cfg.channels} must have the same length")
     if min(cfg.blocks) < 1 or min(cfg.channels) < 1:

@@ -5,6 +5,7 @@
 """
 import argparse
 import functools
+import hashlib
 import json
 import os
 import pickle
@@ -81,16 +82,24 @@ def read_split(path):
 
 
 def stratified_split(labels, val_fraction=0.1, seed=SPLIT_SEED):
-    """(train_idx, val_idx): val_fraction of every class, drawn with a fixed seed."""
-    g = torch.Generator().manual_seed(seed)
+    """(train_idx, val_idx), sorted: the report's split draw for draw (its repository's src/data_loading.py)."""
+    rng = np.random.default_rng(seed)       # one generator for all classes, never the training seed
+    y = np.asarray(labels)
     train, val = [], []
-    for c in torch.unique(labels):
-        idx = torch.nonzero(labels == c).flatten()
-        idx = idx[torch.randperm(len(idx), generator=g)]
-        n_val = round(len(idx) * val_fraction)
+    for c in range(int(y.max()) + 1):
+        idx = np.flatnonzero(y == c)        # the class's indices in file order
+        rng.shuffle(idx)
+        n_val = int(round(len(idx) * val_fraction))
+        n_val = max(1, min(n_val, len(idx) - 1)) if len(idx) >= 2 else 0    # the report's guard: one image each side
         val.append(idx[:n_val])
         train.append(idx[n_val:])
-    return torch.cat(train).sort().values, torch.cat(val).sort().values
+    # note: the report then shuffles both lists with the same generator; that orders them, it picks no other image
+    return torch.from_numpy(np.sort(np.concatenate(train))), torch.from_numpy(np.sort(np.concatenate(val)))
+
+
+def split_md5(val_idx):
+    """md5 of the sorted validation indices as little-endian int64: two users compare splits with it."""
+    return hashlib.md5(np.sort(np.asarray(val_idx)).astype("<i8").tobytes()).hexdigest()
 
 
 def stratified_subset(idx, labels, n, seed=SPLIT_SEED):
@@ -107,7 +116,7 @@ def stratified_subset(idx, labels, n, seed=SPLIT_SEED):
 
 
 def load(cfg, device="cpu"):
-    """Dict of splits {train, val, test} -> (x uint8 on device, y int64 on device), plus class names."""
+    """Dict of splits {train, val, test} -> (x uint8 on device, y int64 on device), plus class names and val_idx."""
     root = data_root(cfg.data_dir)
     if cfg.dataset == "synthetic":
         folder = root / "synthetic" / "cifar-100-python"
@@ -126,7 +135,7 @@ def load(cfg, device="cpu"):
     classes = list(read_pickle(folder / "meta")["fine_label_names"])
     splits = {"train": (x[train_idx], y[train_idx]), "val": (x[val_idx], y[val_idx]), "test": (test_x, test_y)}
     out = {k: (a.to(device), b.to(device)) for k, (a, b) in splits.items()}
-    out["classes"] = classes
+    out["classes"], out["val_idx"] = classes, val_idx
     return out
 
 
@@ -238,6 +247,7 @@ def describe(cfg, out_dir):
         counts = torch.bincount(d[split][1], minlength=len(d["classes"]))
         stats[split] = len(d[split][1])
         stats[f"{split}_per_class"] = [int(counts.min()), int(counts.max())]
+    stats["val_md5"] = split_md5(d["val_idx"])
     train = d["train"][0].float() / 255
     stats["mean"] = [round(v, 4) for v in train.mean(dim=(0, 2, 3)).tolist()]
     stats["std"] = [round(v, 4) for v in train.std(dim=(0, 2, 3)).tolist()]
@@ -267,6 +277,7 @@ def main():
     for split in ("train", "val", "test"):
         lo, hi = stats[f"{split}_per_class"]
         print(f"images/class    {split:5s} min {lo} max {hi}")
+    print(f"val_md5         {stats['val_md5']} (md5 of the sorted validation indices as int64)")
     print(f"train mean      {stats['mean']}\ntrain std       {stats['std']}")
     print(f"files           {stats['samples_png']} {stats['json']}")
     if args.json:

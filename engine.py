@@ -31,7 +31,8 @@ FORMAT_VERSION = 1
 PREEMPTED_EXIT = 75         # exit code after a stop signal: last.ckpt is saved, requeue and --resume
 CSV_COLUMNS = ["epoch", "lr", "train_loss", "train_acc", "val_loss", "val_acc", "val_top5",
                "epoch_s", "img_per_s", "elapsed_s"]
-RESUMABLE_CHANGES = {"data_dir", "download", "device", "compile", "log_every", "out_dir", "note", "deterministic"}
+RESUMABLE_CHANGES = {"data_dir", "download", "device", "compile", "log_every", "out_dir", "note", "deterministic",
+                     "lrfind_start", "lrfind_end", "lrfind_iters", "lrfind_diverge", "lrfind_stop"}
 
 
 class Diverged(UserError):
@@ -390,23 +391,24 @@ def train_locked(cfg, device, paths, resume, log):
             if device.type == "cuda":
                 torch.cuda.synchronize()
             epoch_s = time.time() - t0
-            val = evaluate(eval_model, *d["val"], cfg.tta, cfg.precision)
             epoch += 1
+            validated = epoch % cfg.val_every == 0 or epoch == cfg.epochs
+            val = evaluate(eval_model, *d["val"], cfg.tta, cfg.precision) if validated else {}
             train_loss, train_acc = (sums[:2] / sums[2]).tolist()
             row = {"epoch": epoch, "lr": f"{lr:.6g}", "train_loss": f"{train_loss:.5f}", "train_acc": f"{train_acc:.5f}",
-                   "val_loss": f"{val['loss']:.5f}", "val_acc": f"{val['acc']:.5f}", "val_top5": f"{val['top5']:.5f}",
+                   **{f"val_{k}": f"{v:.5f}" for k, v in val.items()},    # left empty on an epoch not validated
                    "epoch_s": f"{epoch_s:.3f}", "img_per_s": f"{sums[2].item() / epoch_s:.1f}",
                    "elapsed_s": f"{elapsed0 + time.time() - t_run:.3f}"}
             writer.writerow(row)
             csv_file.flush()
-            if val["acc"] > best["val_acc"]:
+            if val and val["acc"] > best["val_acc"]:
                 best = {"val_acc": val["acc"], "val_loss": val["loss"], "val_top5": val["top5"], "epoch": epoch}
                 checkpoint("best", epoch=epoch, metrics=best)
             first_step = 0
             sums = torch.zeros(3, device=device)
             checkpoint("last", epoch=epoch, step_in_epoch=0, epoch_sums=sums.cpu(), finished=epoch == cfg.epochs)
-            log(f"ep {epoch}/{cfg.epochs} | train {train_loss:.3f} {100 * train_acc:.1f}% | val {val['loss']:.3f} "
-                f"{100 * val['acc']:.1f}% (best {100 * best['val_acc']:.1f}%) | lr {lr:.1e} | "
+            shown = f"{val['loss']:.3f} {100 * val['acc']:.1f}% (best {100 * best['val_acc']:.1f}%)" if val else "-"
+            log(f"ep {epoch}/{cfg.epochs} | train {train_loss:.3f} {100 * train_acc:.1f}% | val {shown} | lr {lr:.1e} | "
                 f"{epoch_s:.1f}s {float(row['img_per_s']):,.0f} img/s")
     return finish(cfg, d, paths, device, first_batch_loss, elapsed0 + time.time() - t_run, log, compile_s)
 

@@ -73,7 +73,7 @@ and torch.cuda.get_device_name())"; } 2>&1 | tee "$OUT/logs/versions.log"
 step data 40 "$PY" data.py "${DATA_PY[@]}" --out "$RUNS" --json
 # bench                        ~50 s: start ~5 s, pipelines ~10 s, eager modes ~5 s, one compile ~30 s
 step bench 80 "$PY" bench.py "${BENCH[@]}" --json --out "$RUNS"
-# LR finder, report            ~20 s: start + data ~10 s, 200 eager steps of batch 128
+# LR finder, report            ~15 s: start + data ~10 s, 100 eager steps of batch 128 (the report's sweep)
 step lrfind 45 "$PY" run_lrfind.py --exp report "${DATA[@]}" "${TINY[@]}" "${LRFIND[@]}" --out "$RUNS"
 # fast   ~55 s: start + data ~10 s, compile ~30 s, training ~5-8 s (target <= 5), evaluations ~5 s; eval ~10 s
 step fast 90 "$PY" run_train.py --exp fast "${DATA[@]}" "${TINY[@]}" --out "$RUNS"
@@ -124,11 +124,12 @@ for exp in ("fast", "c70", "report", "best"):
     record = {"exp": exp, "card": card, "finished": finished, "epochs_done": len(rows), "compile_s": compile_s,
               "summary": summary, "eval": ev, "versions": (summary or bench or {}).get("versions")}
     (res / f"{stamp}-{exp}.json").write_text(json.dumps(record, indent=2) + "\n")
-    val = max(float(r["val_acc"]) for r in rows)
+    val = max((float(r["val_acc"]) for r in rows if r["val_acc"]), default=None)    # empty: an epoch not validated
     test = ev["acc"] if ev else summary["test_acc"] if summary else None
     train_s = sum(float(r["epoch_s"]) for r in rows)
     rate = sorted(float(r["img_per_s"]) for r in rows)[len(rows) // 2]
-    print(f"| {exp} | {100 * val:.2f}% | {f'{100 * test:.2f}%' if test is not None else '-'} | {train_s:.1f} | "
+    print(f"| {exp} | {f'{100 * val:.2f}%' if val is not None else '-'} | "
+          f"{f'{100 * test:.2f}%' if test is not None else '-'} | {train_s:.1f} | "
           f"{f'{compile_s:.1f}' if compile_s is not None else '-'} | {rate:,.0f} | {card}"
           f"{'' if finished else f' (stopped after {len(rows)} epochs)'} |")
 if bench:

@@ -1,9 +1,10 @@
 """LR range test: one exponentially growing LR per step on a fresh model, through the engine's train step.
 
     python run_lrfind.py --exp smoke                        # generated data, seconds on CPU
-    python run_lrfind.py --exp report --data-dir ~/data     # the report's LR range test (Adam)
+    python run_lrfind.py --exp report --data-dir ~/data     # the report's sweep: SGD, 1e-6..1, 100 steps, raw-loss stop
     python run_lrfind.py --exp best --start 1e-4 --end 10 --iters 300
 
+The sweep's range, steps and stop rule are the experiment's lrfind_* keys (config.py); the flags override them.
 Writes out/<exp>.lrfind.csv (iter, lr, loss, smooth_loss) and out/<exp>.lrfind.json (the suggestions).
 The sweep's model is thrown away: no checkpoint or experiment is read or changed.
 """
@@ -24,12 +25,14 @@ import files
 import run_train
 
 
-def lr_sweep(model, cfg, x, y, start=1e-7, end=10.0, iters=200, beta=0.9, diverge=4.0):
-    """Train a copy of model for `iters` steps, the LR growing from start to end; returns (rows, why it stopped early)."""
+def lr_sweep(model, cfg, x, y, beta=0.9):
+    """Train a copy of model for cfg.lrfind_iters steps, the LR growing exponentially from cfg.lrfind_start to
+    cfg.lrfind_end; returns (rows, why it stopped early)."""
     model = copy.deepcopy(model)        # the caller's model keeps its weights
     opt = engine.make_optimizer(model, cfg)
     step_model = engine.compile_model(model, cfg) if engine.use_compile(cfg, x.device) else model
     batches = (b for epoch in itertools.count() for b in data.train_batches(x, y, cfg, epoch))
+    start, end, iters = cfg.lrfind_start, cfg.lrfind_end, cfg.lrfind_iters
     rows, avg, lowest, stop = [], 0.0, math.inf, ""
     for i, (xb, yb) in zip(range(iters), batches):
         lr = start * (end / start) ** (i / max(1, iters - 1))
@@ -40,9 +43,10 @@ def lr_sweep(model, cfg, x, y, start=1e-7, end=10.0, iters=200, beta=0.9, diverg
         avg = beta * avg + (1 - beta) * loss
         smooth = avg / (1 - beta ** (i + 1))       # bias-corrected, so the first steps are not pulled to 0
         rows.append({"iter": i, "lr": lr, "loss": loss, "smooth_loss": smooth})
-        lowest = min(lowest, smooth)
-        if smooth > diverge * lowest:
-            stop = f"smoothed loss {smooth:.3g} > {diverge:g} x its minimum {lowest:.3g} at lr {lr:.2e}"
+        watched = loss if cfg.lrfind_stop == "raw" else smooth
+        lowest = min(lowest, watched)
+        if watched > cfg.lrfind_diverge * lowest:
+            stop = f"{cfg.lrfind_stop} loss {watched:.3g} > {cfg.lrfind_diverge:g} x its minimum {lowest:.3g} at lr {lr:.2e}"
             break
     return rows, stop
 
@@ -71,16 +75,19 @@ def main():
     p = argparse.ArgumentParser(parents=[run_train.get_args_parser(add_help=False)], description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--exp", default="best", help="experiment whose model, optimizer and data are swept (default: best)")
-    p.add_argument("--start", type=float, default=1e-7, help="first LR (default: 1e-7)")
-    p.add_argument("--end", type=float, default=10.0, help="last LR (default: 10)")
-    p.add_argument("--iters", type=int, default=200, help="steps, one LR each (default: 200)")
+    p.add_argument("--start", type=float, help="first LR (default: the experiment's lrfind_start, 1e-7; report 1e-6)")
+    p.add_argument("--end", type=float, help="last LR (default: the experiment's lrfind_end, 10; report 1)")
+    p.add_argument("--iters", type=int, help="steps, one LR each (default: the experiment's lrfind_iters, 200; report 100)")
     p.add_argument("--smooth", type=float, default=0.9, help="beta of the loss's moving average; 0 = raw (default: 0.9)")
-    p.add_argument("--diverge", type=float, default=4.0, help="stop once the smoothed loss exceeds this x its minimum")
+    p.add_argument("--diverge", type=float, help="stop once the loss exceeds this x its minimum (default: lrfind_diverge, 4)")
+    p.add_argument("--stop", choices=["smooth", "raw"],
+                   help="which loss --diverge reads (default: the experiment's lrfind_stop: smooth; report raw)")
     args = p.parse_args()
+    flags = [(f"lrfind_{k}", getattr(args, k)) for k in ("start", "end", "iters", "diverge", "stop")]
     try:
-        if not (0 < args.start < args.end and args.iters >= 10 and 0 <= args.smooth < 1 and args.diverge > 1):
-            raise config.UserError("need 0 < --start < --end, --iters >= 10, 0 <= --smooth < 1 and --diverge > 1")
-        cfg = config.resolve(args.exp, run_train.overrides(args))
+        if not 0 <= args.smooth < 1:
+            raise config.UserError(f"need 0 <= --smooth < 1, got {args.smooth}")
+        cfg = config.resolve(args.exp, run_train.overrides(args) + [(k, v) for k, v in flags if v is not None])
         device = engine.setup(cfg)
         d = data.load(cfg, device)
         model = engine.build_model(cfg, len(d["classes"]), device)
@@ -91,11 +98,13 @@ def main():
     except OSError as e:
         sys.exit(f"error: cannot create output folder {cfg.out_dir}: {e.strerror}")
 
-    print(f"lr sweep {cfg.name} | {cfg.optimizer} batch {cfg.batch_size} | {args.iters} steps "
-          f"{args.start:.1e} .. {args.end:.1e} on {device}", flush=True)
-    rows, stop = lr_sweep(model, cfg, *d["train"], args.start, args.end, args.iters, args.smooth, args.diverge)
+    print(f"lr sweep {cfg.name} | {cfg.optimizer} momentum {cfg.momentum:g} wd {cfg.weight_decay:g} batch {cfg.batch_size} "
+          f"| {cfg.lrfind_iters} steps {cfg.lrfind_start:.1e} .. {cfg.lrfind_end:.1e}, stop at {cfg.lrfind_diverge:g}x the "
+          f"{cfg.lrfind_stop} loss's minimum | {device}", flush=True)
+    rows, stop = lr_sweep(model, cfg, *d["train"], args.smooth)
     result = {"exp": args.exp, **suggest(rows), "stopped_early": bool(stop), "stop_reason": stop, "iters": len(rows),
-              "start": args.start, "end": args.end, "smooth": args.smooth, "diverge": args.diverge,
+              "start": cfg.lrfind_start, "end": cfg.lrfind_end, "smooth": args.smooth, "diverge": cfg.lrfind_diverge,
+              "stop_on": cfg.lrfind_stop,
               "device": str(device), "config": asdict(cfg), "versions": engine.versions()}
     paths = [out / f"{cfg.name}.lrfind.csv", out / f"{cfg.name}.lrfind.json"]
     files.write_csv(paths[0], ["iter", "lr", "loss", "smooth_loss"],

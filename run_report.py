@@ -27,6 +27,11 @@ def read_json(path):
     return json.loads(path.read_text()) if path.is_file() else None
 
 
+def validated(rows):
+    """The epochs that were validated (with val_every > 1 the others leave their val_* cells empty)."""
+    return [r for r in rows if r["val_acc"]]
+
+
 def pct(x):
     return f"{100 * float(x):.2f}%"
 
@@ -56,18 +61,18 @@ def pyplot():
 
 def plot_curves(plt, rows, title, path):
     """Loss and accuracy per epoch, train and validation, side by side."""
-    epochs = [int(r["epoch"]) for r in rows]
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
     for ax, metric, label in ((ax_loss, "loss", "loss"), (ax_acc, "acc", "accuracy (%)")):
         scale = 100 if metric == "acc" else 1
-        ax.plot(epochs, [scale * float(r[f"train_{metric}"]) for r in rows], label="train")
-        ax.plot(epochs, [scale * float(r[f"val_{metric}"]) for r in rows], label="validation")
+        for split, part in (("train", rows), ("val", validated(rows))):
+            ax.plot([int(r["epoch"]) for r in part], [scale * float(r[f"{split}_{metric}"]) for r in part],
+                    marker="o" if len(part) < len(rows) else None, label="train" if split == "train" else "validation")
         style(ax, "epoch", label, f"{title}: {label}")
     save(plt, fig, path)
 
 
 def plot_compare(plt, runs, path):
-    """Validation loss and accuracy of several runs overlaid."""
+    """Validation loss and accuracy of several runs overlaid (their validated epochs)."""
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
     for name, rows in runs.items():
         epochs = [int(r["epoch"]) for r in rows]
@@ -211,8 +216,9 @@ def build(out, exps, grid, compare, report_path):
     logs = {e: read_csv(out / f"{e}.csv") for e in exps}
     for e, rows in logs.items():
         if rows:
-            best = max(rows, key=lambda r: float(r["val_acc"]))
-            md += [f"`{e}`: {len(rows)} epochs, best validation accuracy {pct(best['val_acc'])} at epoch {best['epoch']}, "
+            best = max(validated(rows), key=lambda r: float(r["val_acc"]), default=None)
+            val = f"best validation accuracy {pct(best['val_acc'])} at epoch {best['epoch']}" if best else "none validated yet"
+            md += [f"`{e}`: {len(rows)} epochs, {val}, "
                    f"final training loss {float(rows[-1]['train_loss']):.4f}, {float(rows[-1]['elapsed_s']):.1f} s in all "
                    f"(from `{out}/{e}.csv`).", ""]
             figure(f"curves_{e}", f"{e}: loss and accuracy", f"{out}/{e}.csv", plot_curves, rows, e)
@@ -221,7 +227,7 @@ def build(out, exps, grid, compare, report_path):
 
     md += ["## 9. Comparisons", ""]
     names = compare or (exps if len(exps) > 1 else [])
-    runs = {n: read_csv(out / f"{n}.csv") for n in names}
+    runs = {n: validated(read_csv(out / f"{n}.csv") or []) for n in names}
     if len([r for r in runs.values() if r]) >= 2:
         runs = {n: r for n, r in runs.items() if r}
         md += table(["run", "best val acc", "final val loss"],

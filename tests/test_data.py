@@ -1,5 +1,6 @@
 import pickle
 
+import numpy as np
 import pytest
 import torch
 
@@ -11,21 +12,39 @@ def labels(per_class, classes=100):
     return torch.arange(classes).repeat_interleave(per_class)
 
 
-def test_split_is_45k_5k_stratified_disjoint_and_fixed():
-    y = labels(500)
-    torch.manual_seed(123)                      # the training seed must not matter
-    train, val = data.stratified_split(y)
+def report_split(labels, seed=42, ratio=0.1):
+    """The report repository's split (src/data_loading.py), written out plainly: the validation indices as a set."""
+    rng = np.random.default_rng(seed)
+    val = []
+    for c in range(100):
+        idx_c = np.where(labels == c)[0]
+        rng.shuffle(idx_c)
+        n = int(round(len(idx_c) * ratio))
+        n = max(1, min(n, len(idx_c) - 1)) if len(idx_c) >= 2 else 0
+        val.extend(idx_c[:n].tolist())
+    return set(val)
+
+
+def test_split_is_the_reports_draw_for_draw_and_ignores_the_training_seed():
+    y = np.random.default_rng(5).permutation(np.repeat(np.arange(100), 500))    # file order mixes the classes
+    torch.manual_seed(123)
+    np.random.seed(123)                          # the training seeds must not matter
+    train, val = data.stratified_split(torch.from_numpy(y))
     torch.manual_seed(7)
-    train2, val2 = data.stratified_split(y)
+    np.random.seed(7)
+    train2, val2 = data.stratified_split(torch.from_numpy(y))
+    assert set(val.tolist()) == report_split(y) and torch.equal(val, val2) and torch.equal(train, train2)
     assert (len(train), len(val)) == (45_000, 5_000)
-    assert torch.bincount(y[val]).tolist() == [50] * 100
+    assert np.bincount(y[val.numpy()]).tolist() == [50] * 100
     assert not set(train.tolist()) & set(val.tolist()) and len(train) + len(val) == len(y)
-    assert torch.equal(val, val2) and torch.equal(train, train2)
+    assert data.split_md5(val) == data.split_md5(val.flip(0)) != data.split_md5(val[1:])
 
 
-def test_split_keeps_ten_percent_for_any_size():
-    train, val = data.stratified_split(labels(30, classes=10))
-    assert (len(train), len(val)) == (270, 30)
+def test_split_follows_the_reports_rounding_and_guard_for_uneven_classes():
+    y = np.random.default_rng(0).permutation(np.concatenate([np.full(n, c) for c, n in enumerate([1, 2, 14, 15, 25, 3])]))
+    _, val = data.stratified_split(torch.from_numpy(y))
+    assert set(val.tolist()) == report_split(y)
+    assert np.bincount(y[val.numpy()], minlength=6).tolist() == [0, 1, 1, 2, 2, 1]    # round(2.5) = 2, as in Python
 
 
 def test_subset_spreads_images_over_classes():

@@ -1,4 +1,5 @@
 import csv
+import dataclasses
 import json
 import subprocess
 import sys
@@ -20,6 +21,11 @@ def data_dir(tmp_path_factory):
     return tmp_path_factory.mktemp("data")
 
 
+def sweep(model, cfg, x, y, start, end, iters, **kw):
+    cfg = dataclasses.replace(cfg, lrfind_start=start, lrfind_end=end, lrfind_iters=iters, **kw)
+    return run_lrfind.lr_sweep(model, cfg, x, y)
+
+
 def smoke(data_dir, *pairs):
     """A small smoke config, a fresh model of it and its training split."""
     cfg = config.resolve("smoke", [("data_dir", str(data_dir)), ("subset", 640), ("channels", [8, 16]), *pairs])
@@ -30,7 +36,7 @@ def smoke(data_dir, *pairs):
 
 def test_suggestion_lies_inside_the_sweep_where_the_smoothed_loss_falls(data_dir):
     cfg, model, (x, y) = smoke(data_dir)
-    rows, stop = run_lrfind.lr_sweep(model, cfg, x, y, start=1e-4, end=10.0, iters=50)
+    rows, stop = sweep(model, cfg, x, y, start=1e-4, end=10.0, iters=50)
     s = run_lrfind.suggest(rows)
     lo, hi = s["falling_range"]
     assert 1e-4 <= lo <= s["suggested_lr"] <= hi <= s["min_loss_lr"] <= 10.0
@@ -42,18 +48,41 @@ def test_suggestion_lies_inside_the_sweep_where_the_smoothed_loss_falls(data_dir
 
 def test_sweep_stops_early_on_divergence_and_on_a_non_finite_loss(data_dir):
     cfg, model, (x, y) = smoke(data_dir, ("optimizer", "sgd"), ("momentum", 0.0), ("weight_decay", 0.0))
-    rows, stop = run_lrfind.lr_sweep(model, cfg, x, y, start=1e-3, end=1e6, iters=60)
+    rows, stop = sweep(model, cfg, x, y, start=1e-3, end=1e6, iters=60)
     assert stop and len(rows) < 60
     assert all(torch.isfinite(torch.tensor(r["smooth_loss"])) for r in rows)
-    rows, stop = run_lrfind.lr_sweep(model, cfg, x, y, start=1e30, end=1e31, iters=20)
+    rows, stop = sweep(model, cfg, x, y, start=1e30, end=1e31, iters=20)
     assert stop.startswith("loss nan") or stop.startswith("loss inf")
     assert run_lrfind.suggest(rows)["suggested_lr"] is None
+
+
+def test_raw_stop_rule_ends_at_the_first_loss_past_4x_the_lowest_raw_loss_as_the_report_did(data_dir, monkeypatch):
+    cfg, model, (x, y) = smoke(data_dir, ("optimizer", "sgd"))
+    losses = iter([4.6, 3.0, 1.0, 3.9, 4.1, 2.0, 9.0, 9.0, 9.0, 9.0, 9.0, 9.0])
+    monkeypatch.setattr(run_lrfind.engine, "train_step", lambda *args: (torch.tensor(next(losses), dtype=torch.float64), None))
+    rows, stop = sweep(model, cfg, x, y, 1e-6, 1.0, 12, lrfind_stop="raw")
+    assert [r["loss"] for r in rows] == [4.6, 3.0, 1.0, 3.9, 4.1] and stop.startswith("raw loss 4.1 > 4 x its minimum 1 ")
+    assert rows[-1]["lr"] == pytest.approx(1e-6 * 1e6 ** (4 / 11))
+    losses = iter([4.6, 3.0, 1.0, 3.9, 4.1, 2.0, 9.0, 9.0, 9.0, 9.0, 9.0, 9.0])
+    assert len(sweep(model, cfg, x, y, 1e-6, 1.0, 12)[0]) > 5        # the smoothed loss reads the same steps calmly
+
+
+def test_report_sweeps_1e6_to_1_in_100_steps_unless_flags_say_otherwise(tmp_path, data_dir):
+    args = ["--exp", "report", "--set", "dataset=synthetic", "--set", "subset=128", "--set", "blocks=[1]", "--set",
+            "channels=[8]", "--data-dir", str(data_dir), "--out", str(tmp_path)]
+    r = subprocess.run([sys.executable, str(ROOT / "run_lrfind.py"), *args, "--iters", "12"],
+                       capture_output=True, text=True, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert "sgd momentum 0.9 wd 0.0001 batch 128 | 12 steps 1.0e-06 .. 1.0e+00, stop at 4x the raw loss's minimum" in r.stdout
+    result = json.loads((tmp_path / "report.lrfind.json").read_text())
+    assert (result["start"], result["end"], result["diverge"], result["stop_on"], result["config"]["lrfind_iters"]) == \
+        (1e-6, 1.0, 4.0, "raw", 12)
 
 
 def test_sweep_leaves_the_given_model_unchanged(data_dir):
     cfg, model, (x, y) = smoke(data_dir)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    run_lrfind.lr_sweep(model, cfg, x, y, start=1e-4, end=1.0, iters=10)
+    sweep(model, cfg, x, y, start=1e-4, end=1.0, iters=10)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 

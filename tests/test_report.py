@@ -26,7 +26,8 @@ def study(tmp_path_factory):
     out = tmp / "out"
     dirs = ["--out", str(out), "--data-dir", str(tmp / "data"), "--set", "subset=800"]     # small: only files matter
     run("run_train.py", "--exp", "smoke", "--epochs", "3", *dirs)
-    run("run_train.py", "--exp", "smoke", "--epochs", "3", "--set", "name=smoke_sgd", "--set", "optimizer=sgd", *dirs)
+    run("run_train.py", "--exp", "smoke", "--epochs", "3", "--set", "name=smoke_sgd", "--set", "optimizer=sgd",
+        "--set", "val_every=2", *dirs)                                               # validates epochs 2 and 3
     run("run_lrfind.py", "--exp", "smoke", "--iters", "30", *dirs)
     run("run_grid.py", "--grid", "smoke_grid", *dirs)
     run("run_eval.py", str(out / "smoke.ckpt"), "--data-dir", str(tmp / "data"))
@@ -60,6 +61,17 @@ def test_report_has_every_section_with_the_numbers_of_the_run_files(study):
     assert f"{summary['first_batch_loss']:.4f}" in got["4. First-batch loss"]
     assert "Not run yet: the overfit check" in got["5. Overfitting 64 images"]
     assert "python run_train.py --exp overfit64" in got["5. Overfitting 64 images"]
+
+
+def test_report_reads_a_run_validated_every_other_epoch(study):
+    run_report.main(["--out", str(study), "--exp", "smoke", "smoke_sgd", "--grid", "smoke_grid"])
+    got = sections((study / "report.md").read_text())
+    sgd = rows(study / "smoke_sgd.csv")
+    assert [bool(r["val_acc"]) for r in sgd] == [False, True, True]
+    best = max(sgd[1:], key=lambda r: float(r["val_acc"]))
+    assert f"`smoke_sgd`: 3 epochs, best validation accuracy {100 * float(best['val_acc']):.2f}% at epoch " \
+           f"{best['epoch']}," in got["8. Training"]
+    assert f"| smoke_sgd | {100 * float(best['val_acc']):.2f}% | {float(sgd[-1]['val_loss']):.4f} |" in got["9. Comparisons"]
 
 
 def test_report_figures_are_valid_pngs(study):

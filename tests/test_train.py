@@ -86,6 +86,31 @@ def test_resume_from_last_checkpoint_matches_an_uninterrupted_run(tmp_path):
         (whole["best_val_acc"], whole["test_acc"], whole["test_loss"])
 
 
+def test_val_every_validates_every_nth_and_the_last_epoch_picks_the_best_among_them_and_resumes(tmp_path):
+    kw = {"epochs": 5, "val_every": 2, "subset": 640, "channels": [8, 16]}
+    whole = engine.train(smoke_cfg(tmp_path / "a", **kw), log=lambda s: None)
+    rows = csv_rows(tmp_path / "a" / "out" / "smoke.csv")
+    assert [r["epoch"] for r in rows if r["val_acc"]] == ["2", "4", "5"]
+    assert all(r["val_loss"] == r["val_top5"] == "" for r in rows if r["epoch"] in ("1", "3"))
+    best = max((r for r in rows if r["val_acc"]), key=lambda r: float(r["val_acc"]))
+    assert whole["best_epoch"] == int(best["epoch"]) and f"{whole['best_val_acc']:.5f}" == best["val_acc"]
+    assert engine.load_checkpoint(tmp_path / "a" / "out" / "smoke.ckpt")["epoch"] == whole["best_epoch"]
+
+    def stop_after_epoch_3(line):
+        if line.startswith("ep 3/"):
+            assert "| val - |" in line
+            engine.stop_requested.append("test")
+    cfg = smoke_cfg(tmp_path / "b", **kw)
+    try:
+        with pytest.raises(engine.Preempted):
+            engine.train(cfg, log=stop_after_epoch_3)
+    finally:
+        engine.stop_requested.clear()
+    resumed = engine.train(cfg, resume=True, log=lambda s: None)
+    assert csv_rows(tmp_path / "b" / "out" / "smoke.csv") == rows
+    assert (resumed["best_epoch"], resumed["test_loss"]) == (whole["best_epoch"], whole["test_loss"])
+
+
 def test_lr_schedules_warm_up_and_decay_per_step():
     cfg = config.Config(lr=1.0, schedule="onecycle", warmup=0.1, final_lr=0.0)
     assert engine.lr_at(0, 100, cfg) == pytest.approx(0.1) and engine.lr_at(9, 100, cfg) == pytest.approx(1.0)
@@ -95,9 +120,21 @@ def test_lr_schedules_warm_up_and_decay_per_step():
     assert engine.lr_at(77, 100, config.Config(lr=0.002)) == 0.002
 
 
+def test_report_overfit64_and_report_repo_hold_the_report_repositorys_settings():
+    recipe = ("sgd", 0.9, False, 0.002, 1e-4, 128, 20, "constant", True, 0)
+    keys = ("optimizer", "momentum", "nesterov", "lr", "weight_decay", "batch_size", "epochs", "schedule", "augment", "subset")
+    report, repo, overfit = (config.resolve(e) for e in ("report", "report_repo", "overfit64"))
+    assert tuple(getattr(report, k) for k in keys) == recipe
+    assert tuple(getattr(repo, k) for k in keys) == recipe[:8] + (False, 0)
+    assert tuple(getattr(overfit, k) for k in keys) == ("sgd", 0.9, False, 0.1, 1e-4, 64, 50, "constant", False, 64)
+    assert (report.lrfind_start, report.lrfind_end, report.lrfind_iters, report.lrfind_diverge, report.lrfind_stop) == \
+        (1e-6, 1.0, 100, 4.0, "raw")
+    assert config.resolve("smoke").optimizer == "adam"
+
+
 def test_config_precedence_and_compile_default():
     cfg = config.resolve("report", [("lr", 0.01)])
-    assert (cfg.lr, cfg.optimizer, cfg.batch_size, cfg.epochs, cfg.name) == (0.01, "adam", 128, 20, "report")
+    assert (cfg.lr, cfg.optimizer, cfg.batch_size, cfg.epochs, cfg.name) == (0.01, "sgd", 128, 20, "report")
     assert not engine.use_compile(cfg, engine.torch.device("cpu"))
     assert engine.use_compile(config.resolve("report", [("compile", "on")]), engine.torch.device("cpu"))
 
