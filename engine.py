@@ -9,13 +9,10 @@ import csv
 import json
 import math
 import os
-import pickle
 import platform
-import re
 import signal
 import subprocess
 import time
-import warnings
 from dataclasses import asdict
 from pathlib import Path
 
@@ -24,13 +21,10 @@ import torch.nn.functional as F
 
 import data
 import files
-from config import Config, UserError, check_value, validate
+from config import UserError
 from resnet import ResNet
 
-FORMAT_VERSION = 1
 PREEMPTED_EXIT = 75         # exit code after a stop signal: last.ckpt is saved, requeue and --resume
-CSV_COLUMNS = ["epoch", "lr", "train_loss", "train_acc", "val_loss", "val_acc", "val_top5",
-               "epoch_s", "img_per_s", "elapsed_s"]
 RESUMABLE_CHANGES = {"data_dir", "download", "device", "compile", "log_every", "out_dir", "note", "deterministic"}
 
 
@@ -190,48 +184,11 @@ def evaluate(model, x, y, tta=False):
 
 
 # ----------------------------------------------------------------------------
-# checkpoints and files
-
-def save_atomic(obj, path):
-    with files.atomic_open(path, "wb") as f:
-        torch.save(obj, f)
-
-
-def load_checkpoint(path):
-    """A checkpoint dict, read with weights_only=True (no code runs); UserError if it is not a usable one."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"checkpoint {path} not found")
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")    # torch warns about a pickle protocol before refusing it
-            ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:        # weights_only met more than tensors and plain data
-        text = str(e).split("WeightsUnpickler error:")[-1]    # torch's advice to drop weights_only is not ours
-        called = re.search(r"GLOBAL (\S+)", text)
-        what = (f"unpickling it would call {called[1].rstrip('.')}" if called else "it holds more than tensors and "
-                f"plain data ({next((ln.strip() for ln in text.splitlines() if ln.strip()), '')})")
-        raise UserError(f"refused {path}: {what}, which could run code; it was not loaded")
-    except Exception as e:  # torch raises many types for truncated or foreign files
-        reason = str(e).split(". ")[0] if isinstance(e, RuntimeError) else type(e).__name__
-        raise UserError(f"{path} is not a readable checkpoint (truncated, or not from torch.save): {reason[:200]}")
-    if not isinstance(ckpt, dict) or not {"model", "config", "format_version"} <= ckpt.keys() \
-            or not isinstance(ckpt["format_version"], int):
-        raise UserError(f"{path} is not a checkpoint of this project (no model/config/format_version)")
-    if ckpt["format_version"] > FORMAT_VERSION:
-        raise UserError(f"{path} has checkpoint format {ckpt['format_version']}, newer than this code's "
-                        f"{FORMAT_VERSION}: update the code")
-    return ckpt
-
-
-def config_from(ckpt):
-    values = {k: check_value(k, v) for k, v in ckpt["config"].items()}
-    return validate(Config(**values))
-
+# a model from a checkpoint (files.load_checkpoint reads it)
 
 def model_from(ckpt, device="cpu"):
     """The model a checkpoint describes, with its weights loaded."""
-    cfg = config_from(ckpt)
+    cfg = files.config_from(ckpt)
     model = build_model(cfg, len(ckpt.get("classes") or []) or 100, device)
     load_weights(model, ckpt["model"], cfg)
     return model
@@ -243,22 +200,6 @@ def load_weights(model, state_dict, cfg):
     except RuntimeError as e:
         raise UserError(f"checkpoint weights do not fit blocks={cfg.blocks} channels={cfg.channels}: "
                         f"{str(e).splitlines()[0]}")
-
-
-def run_paths(cfg):
-    out = Path(cfg.out_dir)
-    return {k: out / f"{cfg.name}{suffix}" for k, suffix in
-            [("csv", ".csv"), ("best", ".ckpt"), ("last", ".last.ckpt"), ("summary", ".json"), ("lock", ".lock")]}
-
-
-def open_csv(path, keep_epochs):
-    """The epoch CSV opened for appending, holding only the rows of epochs 1..keep_epochs."""
-    rows = []
-    if keep_epochs and path.exists():
-        with open(path, newline="") as f:
-            rows = [r for r in csv.DictReader(f) if r.get("epoch", "").isdigit() and int(r["epoch"]) <= keep_epochs]
-    files.write_csv(path, CSV_COLUMNS, rows)
-    return open(path, "a", newline="")
 
 
 # ----------------------------------------------------------------------------
@@ -283,7 +224,7 @@ def install_stop_handlers():
 def train(cfg, resume=False, log=print):
     """Train cfg to the end (or to a stop signal); returns the summary dict also written to <name>.json."""
     device = setup(cfg)
-    paths = run_paths(cfg)
+    paths = files.run_paths(cfg)
     try:
         paths["csv"].parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -304,7 +245,7 @@ def train(cfg, resume=False, log=print):
 def train_locked(cfg, device, paths, resume, log):
     state = None
     if resume and paths["last"].exists():
-        state = load_checkpoint(paths["last"])
+        state = files.load_checkpoint(paths["last"])
         if not {"optimizer", "rng", "epoch_sums"} <= state.keys():
             raise UserError(f"{paths['last']} holds no training state (optimizer, RNG): it is not a .last.ckpt")
         changed = {k for k, v in state["config"].items() if getattr(cfg, k, None) != v} - RESUMABLE_CHANGES
@@ -347,16 +288,16 @@ def train_locked(cfg, device, paths, resume, log):
         compiled = compile_model(model, cfg)
         compile_s = warm_up(model, cfg, *first_batch)
         log(f"compiled in {compile_s:.1f}s (kept apart from training time)")
-    csv_file = open_csv(paths["csv"], epoch)
-    writer = csv.DictWriter(csv_file, CSV_COLUMNS)
+    csv_file = files.open_csv(paths["csv"], epoch)
+    writer = csv.DictWriter(csv_file, files.CSV_COLUMNS)
 
     def checkpoint(kind, **extra):
-        common = {"format_version": FORMAT_VERSION, "config": asdict(cfg), "classes": d["classes"],
+        common = {"format_version": files.FORMAT_VERSION, "config": asdict(cfg), "classes": d["classes"],
                   "versions": versions(), "first_batch_loss": first_batch_loss}
         if kind == "best":
-            save_atomic({**common, "model": eval_model.state_dict(), **extra}, paths["best"])
+            files.save_checkpoint({**common, "model": eval_model.state_dict(), **extra}, paths["best"])
         else:
-            save_atomic({**common, "model": model.state_dict(), "optimizer": opt.state_dict(),
+            files.save_checkpoint({**common, "model": model.state_dict(), "optimizer": opt.state_dict(),
                          "ema": ema.state_dict() if ema else None, "best": best,
                          "elapsed_s": elapsed0 + time.time() - t_run, "rng": {"torch": torch.get_rng_state()},
                          **extra}, paths["last"])
@@ -430,7 +371,7 @@ def check_finite(loss, epoch, step, lr, paths):
 
 def finish(cfg, d, paths, device, first_batch_loss, wall_s, log, compile_s=0.0):
     """Test the best checkpoint once, write the summary JSON, return it."""
-    best_ckpt = load_checkpoint(paths["best"])
+    best_ckpt = files.load_checkpoint(paths["best"])
     best_model = model_from(best_ckpt, device)
     test = evaluate(best_model, *d["test"], tta=cfg.tta)
     with open(paths["csv"], newline="") as f:

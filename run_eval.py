@@ -19,8 +19,8 @@ from config import UserError
 
 def evaluate_checkpoint(path, split="test", tta=None, data_dir=None, device="auto"):
     """Everything run_eval.py prints, as a dict; per-class accuracies under 'per_class'."""
-    ckpt = engine.load_checkpoint(path)
-    cfg = engine.config_from(ckpt)
+    ckpt = files.load_checkpoint(path)
+    cfg = files.config_from(ckpt)
     cfg.device = device
     if data_dir is not None:
         cfg.data_dir = data_dir

@@ -135,7 +135,7 @@ def main():
             name, varied, cfg = runs[i]
             print(f"== {args.grid} [{i}/{len(runs) - 1}] {name}", flush=True)
             try:
-                s = engine.train(cfg, resume=engine.run_paths(cfg)["last"].exists())
+                s = engine.train(cfg, resume=files.run_paths(cfg)["last"].exists())
                 row = result_row(i, name, varied, cfg, "done", s)
             except engine.Diverged as e:
                 print(f"failed: {e}")
