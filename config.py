@@ -53,7 +53,8 @@ class Config:
                                    # "reduce-overhead" (CUDA graphs), "max-autotune-no-cudagraphs" (see bench.py)
     seed: int = 0
     deterministic: bool = False    # cudnn.deterministic + torch deterministic algorithms (slower)
-    log_every: int = 0             # a step line every N steps with an ETA; 0 = epoch lines only
+    log_every: int = 0             # also a step line every N steps; 0 = off
+    progress_s: float = 30.0       # a step line with the run's ETA every this many seconds of an epoch; 0 = off
     # io
     out_dir: str = "out"
     name: str = ""                 # run name: files are <out_dir>/<name>.*
@@ -95,7 +96,7 @@ def check_value(key, value):
 def validate(cfg):
     """Reject impossible combinations and out-of-range values."""
     positive = ["lr", "batch_size", "epochs"]
-    non_negative = ["weight_decay", "subset", "cutout", "momentum", "warmup", "final_lr", "log_every"]
+    non_negative = ["weight_decay", "subset", "cutout", "momentum", "warmup", "final_lr", "log_every", "progress_s"]
     for key in positive:
         if getattr(cfg, key) <= 0:
             raise UserError(f"config key '{key}' must be > 0, got {getattr(cfg, key)}")

@@ -19,13 +19,15 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+import console
 import data
 import files
 from config import UserError
 from resnet import ResNet
 
 PREEMPTED_EXIT = 75         # exit code after a stop signal: last.ckpt is saved, requeue and --resume
-RESUMABLE_CHANGES = {"data_dir", "download", "device", "compile", "log_every", "out_dir", "note", "deterministic"}
+RESUMABLE_CHANGES = {"data_dir", "download", "device", "compile", "log_every", "progress_s", "out_dir", "note",
+                     "deterministic"}
 
 
 class Diverged(UserError):
@@ -39,11 +41,15 @@ class Preempted(Exception):
 # ----------------------------------------------------------------------------
 # system
 
-def setup(cfg):
-    """Seed everything, pick the device, set the cuDNN/TF32 flags; returns the torch.device."""
+def pick_device(cfg):
     if cfg.device == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda was asked for, but no CUDA GPU is visible")
-    device = torch.device("cuda" if cfg.device != "cpu" and torch.cuda.is_available() else "cpu")
+    return torch.device("cuda" if cfg.device != "cpu" and torch.cuda.is_available() else "cpu")
+
+
+def setup(cfg):
+    """Seed everything, pick the device, set the cuDNN/TF32 flags; returns the torch.device."""
+    device = pick_device(cfg)
     torch.manual_seed(cfg.seed)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = not cfg.deterministic
@@ -243,7 +249,7 @@ def train(cfg, resume=False, log=print):
 
 
 def train_locked(cfg, device, paths, resume, log):
-    state = None
+    state, head = None, cfg.name
     if resume and paths["last"].exists():
         state = files.load_checkpoint(paths["last"])
         if not {"optimizer", "rng", "epoch_sums"} <= state.keys():
@@ -252,11 +258,13 @@ def train_locked(cfg, device, paths, resume, log):
         if changed:
             raise UserError(f"{paths['last']} was made with other settings ({', '.join(sorted(changed))}); "
                             f"resume with the same config, or run without --resume to start again")
-        if state.get("finished") and paths["summary"].exists():
+        finished = state.get("finished") and paths["summary"].exists()
+        summary = json.loads(paths["summary"].read_text()) if finished else {}
+        if "test_acc" in summary:       # not the record written at the start of a run that died before its end
             log(f"{cfg.name} already finished ({paths['last']}); nothing to do")
-            return json.loads(paths["summary"].read_text())
+            return summary
     elif resume:
-        log(f"no {paths['last']} to resume from: starting from scratch")
+        head = f"{cfg.name} from scratch (no {paths['last']} to resume from)"
 
     d = data.load(cfg, device)
     train_x, train_y = d["train"]
@@ -278,7 +286,9 @@ def train_locked(cfg, device, paths, resume, log):
         epoch, first_step, elapsed0, best = state["epoch"], state["step_in_epoch"], state["elapsed_s"], state["best"]
         sums = state["epoch_sums"].to(device)
         first_batch_loss = state["first_batch_loss"]
-        log(f"resuming {cfg.name} at epoch {epoch + 1} step {first_step} from {paths['last']}")
+        head = f"resuming {cfg.name} at epoch {epoch + 1} step {first_step} from {paths['last']}"
+    log(console.run_line(head, cfg, model, device, f"{cfg.epochs} epochs x {steps} steps of batch {cfg.batch_size}",
+                         console.files_of(cfg)))
     first_batch = next(data.train_batches(train_x, train_y, cfg, epoch=0))    # note: augments a whole epoch, so once
     if not state:
         first_batch_loss = check_first_batch(model, *first_batch, log)
@@ -288,8 +298,12 @@ def train_locked(cfg, device, paths, resume, log):
         compiled = compile_model(model, cfg)
         compile_s = warm_up(model, cfg, *first_batch)
         log(f"compiled in {compile_s:.1f}s (kept apart from training time)")
+    files.write_json({"name": cfg.name, "status": "started", "params": model.num_params(),
+                      "first_batch_loss": first_batch_loss, "device": str(device), "config": asdict(cfg),
+                      "versions": versions()}, paths["summary"])
     csv_file = files.open_csv(paths["csv"], epoch)
     writer = csv.DictWriter(csv_file, files.CSV_COLUMNS)
+    tick = console.progress(cfg, device, total_steps, epoch * steps + first_step, log, elapsed0)
 
     def checkpoint(kind, **extra):
         common = {"format_version": files.FORMAT_VERSION, "config": asdict(cfg), "classes": d["classes"],
@@ -318,11 +332,11 @@ def train_locked(cfg, device, paths, resume, log):
                     update_ema(ema, model, cfg.ema)
                 if device.type == "cpu" or (i + 1) % 100 == 0 or i + 1 == steps:
                     check_finite(sums[0], epoch, i, lr, paths)  # note: a host sync on CUDA, hence every 100 steps
-                if cfg.log_every and (i + 1) % cfg.log_every == 0:
+                eta = tick(epoch * steps + i + 1, i + 1)
+                if eta is not None:     # note: a host sync, hence time-based (every progress_s seconds)
                     rate = (i + 1 - first_step) * cfg.batch_size / (time.time() - t0)
-                    eta = ((cfg.epochs - epoch) * steps - i - 1) * cfg.batch_size / rate
-                    log(f"  step {i + 1}/{steps} | loss {sums[0].item() / sums[2].item():.3f} | "
-                        f"{rate:,.0f} img/s | eta {eta:.0f}s")
+                    log(console.step_line(f"ep {epoch + 1}/{cfg.epochs} step {i + 1}/{steps}",
+                                          (sums[0] / sums[2]).item(), rate, elapsed0 + time.time() - t_run, eta))
                 if stop_requested:
                     check_finite(sums[0], epoch, i, lr, paths)  # never save weights a NaN has spoilt
                     checkpoint("last", epoch=epoch, step_in_epoch=i + 1, epoch_sums=sums.cpu())
@@ -346,9 +360,7 @@ def train_locked(cfg, device, paths, resume, log):
             first_step = 0
             sums = torch.zeros(3, device=device)
             checkpoint("last", epoch=epoch, step_in_epoch=0, epoch_sums=sums.cpu(), finished=epoch == cfg.epochs)
-            log(f"ep {epoch}/{cfg.epochs} | train {train_loss:.3f} {100 * train_acc:.1f}% | val {val['loss']:.3f} "
-                f"{100 * val['acc']:.1f}% (best {100 * best['val_acc']:.1f}%) | lr {lr:.1e} | "
-                f"{epoch_s:.1f}s {float(row['img_per_s']):,.0f} img/s")
+            log(console.epoch_line(row, cfg.epochs, best["val_acc"]))
     return finish(cfg, d, paths, device, first_batch_loss, elapsed0 + time.time() - t_run, log, compile_s)
 
 
@@ -376,8 +388,8 @@ def finish(cfg, d, paths, device, first_batch_loss, wall_s, log, compile_s=0.0):
     test = evaluate(best_model, *d["test"], tta=cfg.tta)
     with open(paths["csv"], newline="") as f:
         train_s = sum(float(r["epoch_s"]) for r in csv.DictReader(f))
-    summary = {"name": cfg.name, "best_epoch": best_ckpt["epoch"], "best_val_acc": best_ckpt["metrics"]["val_acc"],
-               "test_loss": test["loss"], "test_acc": test["acc"], "test_top5": test["top5"],
+    summary = {"name": cfg.name, "status": "finished", "best_epoch": best_ckpt["epoch"],
+               "best_val_acc": best_ckpt["metrics"]["val_acc"], "test_loss": test["loss"], "test_acc": test["acc"], "test_top5": test["top5"],
                "first_batch_loss": first_batch_loss, "params": best_model.num_params(),
                "train_s": round(train_s, 3), "compile_s": round(compile_s, 3), "wall_s": round(wall_s, 3),
                "device": str(device),

@@ -112,6 +112,7 @@ print("\n| exp | val acc | test acc | training s | compile s | img/s | card |")
 print("| --- | --: | --: | --: | --: | --: | --- |")
 for exp in ("fast", "c70", "report", "best"):
     summary, ev = read(runs / f"{exp}.json"), read(runs / f"{exp}.eval.json")
+    summary = summary if summary and "test_acc" in summary else None    # a stopped run has its start record only
     rows = list(csv.DictReader(open(runs / f"{exp}.csv"))) if (runs / f"{exp}.csv").exists() else []
     if not rows:
         print(f"| {exp} | - | - | - | - | - | {card} (no epoch logged) |")
