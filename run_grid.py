@@ -17,10 +17,12 @@ import fcntl
 import itertools
 import json
 import sys
+import time
 from dataclasses import replace
 from pathlib import Path
 
 import config
+import console
 import engine
 import files
 import run_train
@@ -130,16 +132,28 @@ def main():
         if args.index is not None and not 0 <= args.index < len(runs):
             raise config.UserError(f"grid '{args.grid}' has configs 0-{len(runs) - 1}, got --index {args.index}")
         indices = range(len(runs)) if args.index is None else [args.index]
+        first = runs[indices[0]][2]
+        epochs = "epochs varied" if "epochs" in axes else f"{first.epochs} epochs each"
+        print(f"grid {args.grid} | {len(indices)} of {len(runs)} configs of {' x '.join(axes) or 'one'} | "
+              f"{console.device_text(first, engine.pick_device(first))} | {epochs} | "
+              f"files {first.out_dir}/, {summary}", flush=True)
         engine.install_stop_handlers()
-        for i in indices:
+        done = {r["run"] for r in read_summary(summary).values() if r["status"] == "done"}
+        spent = []       # seconds per config done (a finished config's own wall time)
+        for n, i in enumerate(indices):
             name, varied, cfg = runs[i]
-            print(f"== {args.grid} [{i}/{len(runs) - 1}] {name}", flush=True)
+            left = sum(runs[j][0] not in done for j in indices[n:])
+            eta = f" | grid eta {console.duration(sum(spent) / len(spent) * left)}" if spent else ""
+            print(f"== {args.grid} [{i}/{len(runs) - 1}] {name} | config {n + 1} of {len(indices)}{eta}", flush=True)
+            t0 = time.time()
             try:
                 s = engine.train(cfg, resume=files.run_paths(cfg)["last"].exists())
                 row = result_row(i, name, varied, cfg, "done", s)
+                spent.append(s["wall_s"])
             except engine.Diverged as e:
                 print(f"failed: {e}")
                 row = result_row(i, name, varied, cfg, "failed")
+                spent.append(time.time() - t0)
             except engine.Preempted as e:
                 update_summary(summary, result_row(i, name, varied, cfg, "interrupted"), columns)
                 print(e, file=sys.stderr)

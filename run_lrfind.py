@@ -12,25 +12,29 @@ import copy
 import itertools
 import math
 import sys
+import time
 from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 
 import config
+import console
 import data
 import engine
 import files
 import run_train
 
 
-def lr_sweep(model, cfg, x, y, start=1e-7, end=10.0, iters=200, beta=0.9, diverge=4.0):
-    """Train a copy of model for `iters` steps, the LR growing from start to end; returns (rows, why it stopped early)."""
+def lr_sweep(model, cfg, x, y, start=1e-7, end=10.0, iters=200, beta=0.9, diverge=4.0, log=lambda line: None):
+    """Train a copy of model for `iters` steps, the LR growing from start to end; returns (rows, why it stopped early).
+    Step lines with the sweep's ETA go to log every cfg.progress_s seconds."""
     model = copy.deepcopy(model)        # the caller's model keeps its weights
     opt = engine.make_optimizer(model, cfg)
     step_model = engine.compile_model(model, cfg) if engine.use_compile(cfg, x.device) else model
     batches = (b for epoch in itertools.count() for b in data.train_batches(x, y, cfg, epoch))
     rows, avg, lowest, stop = [], 0.0, math.inf, ""
+    tick, t0 = console.progress(cfg, x.device, iters, 0, log), time.time()
     for i, (xb, yb) in zip(range(iters), batches):
         lr = start * (end / start) ** (i / max(1, iters - 1))
         loss = engine.train_step(step_model, opt, xb, yb, cfg, lr)[0].item()   # note: a host sync every step
@@ -41,6 +45,10 @@ def lr_sweep(model, cfg, x, y, start=1e-7, end=10.0, iters=200, beta=0.9, diverg
         smooth = avg / (1 - beta ** (i + 1))       # bias-corrected, so the first steps are not pulled to 0
         rows.append({"iter": i, "lr": lr, "loss": loss, "smooth_loss": smooth})
         lowest = min(lowest, smooth)
+        eta = tick(i + 1, i + 1)
+        if eta is not None:
+            log(console.step_line(f"step {i + 1}/{iters} lr {lr:.1e}", smooth, (i + 1) * cfg.batch_size /
+                                  (time.time() - t0), time.time() - t0, eta))
         if smooth > diverge * lowest:
             stop = f"smoothed loss {smooth:.3g} > {diverge:g} x its minimum {lowest:.3g} at lr {lr:.2e}"
             break
@@ -91,9 +99,11 @@ def main():
     except OSError as e:
         sys.exit(f"error: cannot create output folder {cfg.out_dir}: {e.strerror}")
 
-    print(f"lr sweep {cfg.name} | {cfg.optimizer} batch {cfg.batch_size} | {args.iters} steps "
-          f"{args.start:.1e} .. {args.end:.1e} on {device}", flush=True)
-    rows, stop = lr_sweep(model, cfg, *d["train"], args.start, args.end, args.iters, args.smooth, args.diverge)
+    print(console.run_line(f"lr sweep {cfg.name}", cfg, model, device, f"{args.iters} steps of batch {cfg.batch_size}, "
+                           f"{cfg.optimizer} lr {args.start:.1e} .. {args.end:.1e}", out / f"{cfg.name}.lrfind.*"),
+          flush=True)
+    rows, stop = lr_sweep(model, cfg, *d["train"], args.start, args.end, args.iters, args.smooth, args.diverge,
+                          log=lambda line: print(line, flush=True))
     result = {"exp": args.exp, **suggest(rows), "stopped_early": bool(stop), "stop_reason": stop, "iters": len(rows),
               "start": args.start, "end": args.end, "smooth": args.smooth, "diverge": args.diverge,
               "device": str(device), "config": asdict(cfg), "versions": engine.versions()}

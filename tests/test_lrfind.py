@@ -65,9 +65,12 @@ def test_command_writes_csv_and_json_and_touches_no_checkpoint(tmp_path, data_di
         path.write_bytes(content)
     experiments = config.EXPERIMENTS_FILE.read_bytes()
     r = subprocess.run([sys.executable, str(ROOT / "run_lrfind.py"), "--exp", "smoke", "--iters", "30", "--start", "1e-5",
-                        "--end", "1", "--out", str(out), "--data-dir", str(data_dir), "--set", "subset=640"],
+                        "--end", "1", "--out", str(out), "--data-dir", str(data_dir), "--set", "subset=640",
+                        "--set", "progress_s=1e-9"],
                        capture_output=True, text=True, cwd=tmp_path)
     assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith("lr sweep smoke | ResNet blocks [1,1] channels [16,32]")
+    assert r.stdout.count("eta 0:00:") == 30          # a step line after each step, with the sweep's ETA
     with open(out / "smoke.lrfind.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     assert list(rows[0]) == ["iter", "lr", "loss", "smooth_loss"] and len(rows) == 30
