@@ -27,7 +27,7 @@ class Config:
     download: bool = True          # fetch CIFAR-100 when missing and the network is there
     subset: int = 0                # training images kept (stratified); 0 = all
     augment: bool = True           # RandomCrop(32, padding=4) + horizontal flip
-    cutout: int = 0                # side of the square zeroed per training image; 0 = off
+    cutout: int = 0                # side of the square set to the mean per training image; 0 = off
     # model
     blocks: list = field(default_factory=lambda: [3, 3, 3])
     channels: list = field(default_factory=lambda: [64, 128, 256])
