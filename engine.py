@@ -26,6 +26,9 @@ from config import UserError
 from resnet import ResNet
 
 PREEMPTED_EXIT = 75         # exit code after a stop signal: last.ckpt is saved, requeue and --resume
+INTERRUPTED_EXIT = 130      # after Ctrl-C (128 + SIGINT, as shells expect); last.ckpt is saved as well
+STOPPED_AT_ONCE = ("stopped at once by a second Ctrl-C: nothing saved since the last checkpoint; "
+                   "--resume goes on from it")
 RESUMABLE_CHANGES = {"data_dir", "download", "device", "compile", "log_every", "progress_s", "out_dir", "note",
                      "deterministic"}
 
@@ -35,7 +38,13 @@ class Diverged(UserError):
 
 
 class Preempted(Exception):
-    """A stop signal arrived; last.ckpt holds the state to resume from."""
+    """A stop signal arrived; last.ckpt holds the state to resume from. .status is the exit status to end with."""
+
+    def __init__(self, signum, saved):
+        what = "interrupted (Ctrl-C)" if signum == signal.SIGINT else \
+            f"stopped by {signal.Signals(signum).name}" if isinstance(signum, int) else f"stopped ({signum})"
+        super().__init__(f"{what}: saved {saved}; rerun with --resume")
+        self.status = INTERRUPTED_EXIT if signum == signal.SIGINT else PREEMPTED_EXIT
 
 
 # ----------------------------------------------------------------------------
@@ -215,12 +224,15 @@ stop_requested = []
 
 
 def request_stop(signum, frame):
-    """Only set a flag: the loop finishes its step, saves last.ckpt and exits with PREEMPTED_EXIT."""
+    """Only set a flag: the loop finishes its step, saves last.ckpt and raises Preempted. A second Ctrl-C stops at
+    once (KeyboardInterrupt)."""
+    if signum == signal.SIGINT and signal.SIGINT in stop_requested:
+        raise KeyboardInterrupt
     stop_requested.append(signum)
 
 
 def install_stop_handlers():
-    for sig in (signal.SIGUSR1, signal.SIGTERM):
+    for sig in (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, request_stop)
 
 
@@ -249,7 +261,7 @@ def train(cfg, resume=False, log=print):
 
 
 def train_locked(cfg, device, paths, resume, log):
-    state, head = None, cfg.name
+    state = None
     if resume and paths["last"].exists():
         state = files.load_checkpoint(paths["last"])
         if not {"optimizer", "rng", "epoch_sums"} <= state.keys():
@@ -263,8 +275,6 @@ def train_locked(cfg, device, paths, resume, log):
         if "test_acc" in summary:       # not the record written at the start of a run that died before its end
             log(f"{cfg.name} already finished ({paths['last']}); nothing to do")
             return summary
-    elif resume:
-        head = f"{cfg.name} from scratch (no {paths['last']} to resume from)"
 
     d = data.load(cfg, device)
     train_x, train_y = d["train"]
@@ -274,7 +284,7 @@ def train_locked(cfg, device, paths, resume, log):
     eval_model = ema if ema is not None else model
     steps = data.steps_per_epoch(len(train_x), cfg.batch_size)
     total_steps = steps * cfg.epochs
-    epoch, first_step, elapsed0 = 0, 0, 0.0
+    epoch, first_step, elapsed0, epoch_s0 = 0, 0, 0.0, 0.0     # epoch_s0: training time of the epoch before a stop
     best = {"val_acc": -1.0, "epoch": 0}
     sums = torch.zeros(3, device=device)        # loss sum, correct, seen of the epoch so far
     if state:
@@ -284,9 +294,15 @@ def train_locked(cfg, device, paths, resume, log):
             ema.load_state_dict(state["ema"])
         torch.set_rng_state(state["rng"]["torch"])
         epoch, first_step, elapsed0, best = state["epoch"], state["step_in_epoch"], state["elapsed_s"], state["best"]
-        sums = state["epoch_sums"].to(device)
+        sums, epoch_s0 = state["epoch_sums"].to(device), state.get("epoch_s", 0.0)
         first_batch_loss = state["first_batch_loss"]
         head = f"resuming {cfg.name} at epoch {epoch + 1} step {first_step} from {paths['last']}"
+    else:       # a fresh start: the files of an earlier run of this name go at once (kept as *.old on --resume)
+        earlier = files.earlier_run(cfg)
+        for path in earlier:
+            path.replace(path.with_name(path.name + ".old")) if resume else path.unlink()
+        kept = "; the files found there are kept as *.old" if resume and earlier else ""
+        head = f"{cfg.name} from scratch (no {paths['last']} to resume from{kept})" if resume else cfg.name
     log(console.run_line(head, cfg, model, device, f"{cfg.epochs} epochs x {steps} steps of batch {cfg.batch_size}",
                          console.files_of(cfg)))
     first_batch = next(data.train_batches(train_x, train_y, cfg, epoch=0))    # note: augments a whole epoch, so once
@@ -339,12 +355,12 @@ def train_locked(cfg, device, paths, resume, log):
                                           (sums[0] / sums[2]).item(), rate, elapsed0 + time.time() - t_run, eta))
                 if stop_requested:
                     check_finite(sums[0], epoch, i, lr, paths)  # never save weights a NaN has spoilt
-                    checkpoint("last", epoch=epoch, step_in_epoch=i + 1, epoch_sums=sums.cpu())
-                    raise Preempted(f"stop signal {stop_requested[0]}: saved {paths['last']} at epoch {epoch + 1} "
-                                    f"step {i + 1}; rerun with --resume")
+                    checkpoint("last", epoch=epoch, step_in_epoch=i + 1, epoch_sums=sums.cpu(),
+                               epoch_s=epoch_s0 + time.time() - t0)
+                    raise Preempted(stop_requested[0], f"{paths['last']} at epoch {epoch + 1} step {i + 1}")
             if device.type == "cuda":
                 torch.cuda.synchronize()
-            epoch_s = time.time() - t0
+            epoch_s = epoch_s0 + time.time() - t0
             val = evaluate(eval_model, *d["val"], tta=cfg.tta)
             epoch += 1
             train_loss, train_acc = (sums[:2] / sums[2]).tolist()
@@ -357,7 +373,7 @@ def train_locked(cfg, device, paths, resume, log):
             if val["acc"] > best["val_acc"]:
                 best = {"val_acc": val["acc"], "val_loss": val["loss"], "val_top5": val["top5"], "epoch": epoch}
                 checkpoint("best", epoch=epoch, metrics=best)
-            first_step = 0
+            first_step, epoch_s0 = 0, 0.0
             sums = torch.zeros(3, device=device)
             checkpoint("last", epoch=epoch, step_in_epoch=0, epoch_sums=sums.cpu(), finished=epoch == cfg.epochs)
             log(console.epoch_line(row, cfg.epochs, best["val_acc"]))
@@ -389,7 +405,8 @@ def finish(cfg, d, paths, device, first_batch_loss, wall_s, log, compile_s=0.0):
     with open(paths["csv"], newline="") as f:
         train_s = sum(float(r["epoch_s"]) for r in csv.DictReader(f))
     summary = {"name": cfg.name, "status": "finished", "best_epoch": best_ckpt["epoch"],
-               "best_val_acc": best_ckpt["metrics"]["val_acc"], "test_loss": test["loss"], "test_acc": test["acc"], "test_top5": test["top5"],
+               "best_val_acc": best_ckpt["metrics"]["val_acc"], "test_loss": test["loss"], "test_acc": test["acc"],
+               "test_top5": test["top5"],
                "first_batch_loss": first_batch_loss, "params": best_model.num_params(),
                "train_s": round(train_s, 3), "compile_s": round(compile_s, 3), "wall_s": round(wall_s, 3),
                "device": str(device),

@@ -28,6 +28,20 @@ def run_paths(cfg):
             [("csv", ".csv"), ("best", ".ckpt"), ("last", ".last.ckpt"), ("summary", ".json"), ("lock", ".lock")]}
 
 
+def eval_paths(folder, name, split="test", last=False):
+    """run_eval.py's result files: <name>[.last][.val].eval.json and the matching .per_class.csv."""
+    stem = name + (".last" if last else "") + ("" if split == "test" else f".{split}")
+    return Path(folder) / f"{stem}.eval.json", Path(folder) / f"{stem}.per_class.csv"
+
+
+def earlier_run(cfg):
+    """The files an earlier run of this name left: epoch CSV, checkpoints, record, and run_eval.py's results."""
+    paths = run_paths(cfg)
+    evals = [p for split in ("test", "val") for last in (False, True)
+             for p in eval_paths(cfg.out_dir, cfg.name, split, last)]
+    return [p for p in [paths[k] for k in ("csv", "best", "last", "summary")] + evals if p.exists()]
+
+
 @contextlib.contextmanager
 def atomic_open(path, mode="w", **kwargs):
     """Write to a temp file beside path, fsync it, rename it over path; the temp file never outlives a failure."""
@@ -57,22 +71,22 @@ def write_csv(path, columns, rows):
 
 
 @contextlib.contextmanager
-def run_lock(path):
-    """Hold an exclusive lock on path while the run lives; a second run of the same name is refused."""
+def run_lock(path, wait=False):
+    """Hold an exclusive lock on path: a second run of the same name is refused, or with wait=True waits for it."""
     try:
         f = open(path, "a")
     except OSError as e:
         raise UserError(f"cannot write to {path.parent}: {e.strerror}")
-    try:
-        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        f.close()
-        raise UserError(f"another run is writing {path.with_suffix('')}.* (lock {path} is held); "
-                        f"wait for it or use another --out")
-    try:
+    with f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except BlockingIOError:
+            raise UserError(f"another run is writing {path.with_suffix('')}.* (lock {path} is held); "
+                            f"wait for it or use another --out")
+        except OSError as e:    # ENOSYS, ENOLCK, EOPNOTSUPP: a filesystem without flock (some Lustre and NFS mounts)
+            raise UserError(f"cannot lock files in {path.parent}: {e.strerror}; its filesystem may not support "
+                            f"file locks (some Lustre or NFS mounts): use a local --out")
         yield
-    finally:
-        f.close()
 
 
 # ----------------------------------------------------------------------------

@@ -102,8 +102,12 @@ def main():
     print(console.run_line(f"lr sweep {cfg.name}", cfg, model, device, f"{args.iters} steps of batch {cfg.batch_size}, "
                            f"{cfg.optimizer} lr {args.start:.1e} .. {args.end:.1e}", out / f"{cfg.name}.lrfind.*"),
           flush=True)
-    rows, stop = lr_sweep(model, cfg, *d["train"], args.start, args.end, args.iters, args.smooth, args.diverge,
-                          log=lambda line: print(line, flush=True))
+    try:
+        rows, stop = lr_sweep(model, cfg, *d["train"], args.start, args.end, args.iters, args.smooth, args.diverge,
+                              log=lambda line: print(line, flush=True))
+    except KeyboardInterrupt:
+        print("interrupted (Ctrl-C): the sweep stopped, no file written", file=sys.stderr)
+        sys.exit(engine.INTERRUPTED_EXIT)
     result = {"exp": args.exp, **suggest(rows), "stopped_early": bool(stop), "stop_reason": stop, "iters": len(rows),
               "start": args.start, "end": args.end, "smooth": args.smooth, "diverge": args.diverge,
               "device": str(device), "config": asdict(cfg), "versions": engine.versions()}

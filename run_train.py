@@ -47,15 +47,18 @@ def main():
     p.add_argument("--experiments", default=config.EXPERIMENTS_FILE, metavar="FILE",
                    help="the experiments file to read --exp from (default: experiments.json beside this script)")
     args = p.parse_args()
+    engine.install_stop_handlers()      # from here Ctrl-C, SIGTERM and SIGUSR1 ask for a stop (last.ckpt saved)
     try:
         cfg = config.resolve(args.exp, overrides(args), args.experiments)
-        engine.install_stop_handlers()
         s = engine.train(cfg, resume=args.resume)
     except config.UserError as e:
         sys.exit(f"error: {e}")
     except engine.Preempted as e:
         print(e, file=sys.stderr)
-        sys.exit(engine.PREEMPTED_EXIT)
+        sys.exit(e.status)
+    except KeyboardInterrupt:           # a second Ctrl-C
+        print(engine.STOPPED_AT_ONCE, file=sys.stderr)
+        sys.exit(engine.INTERRUPTED_EXIT)
     print(console.done_line(s))
     print("files: " + " ".join(s["files"]))
 

@@ -100,7 +100,8 @@ def test_cpu_recipe_is_the_cpu_experiment_else_the_smallest_on_cifar100(monkeypa
     experiments = {"big": {"channels": [64, 128]}, "small": {"blocks": [1, 1], "channels": [8, 16], "epochs": 2},
                    "generated": {"dataset": "synthetic", "channels": [4, 4]}}
     defaults = {"blocks": [2, 2], "channels": [32, 64]}
-    monkeypatch.setattr(config, "read_experiments", lambda path=None: {"defaults": defaults, "experiments": experiments})
+    doc = {"defaults": defaults, "experiments": experiments}
+    monkeypatch.setattr(config, "read_experiments", lambda path=None: doc)
     assert console.cpu_recipe() == "--exp small"
     experiments["cpu"] = {}
     assert console.cpu_recipe() == "--exp cpu"

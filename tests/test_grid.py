@@ -90,7 +90,7 @@ def test_grid_writes_one_summary_row_per_config_and_a_ranked_table(finished):
     out, _, output = finished
     summary = rows(out / "smoke_grid.csv")
     assert list(summary[0]) == ["index", "run", "lr", "channels", "params", "best_val_acc", "best_epoch", "test_acc",
-                                "train_s", "status"]
+                                "train_s", "status", "reason"]
     assert [r["index"] for r in summary] == ["0", "1", "2", "3"] and {r["status"] for r in summary} == {"done"}
     for r in summary:
         assert (out / "smoke_grid" / f"{r['run']}.ckpt").is_file() and float(r["best_val_acc"]) > 0

@@ -1,5 +1,6 @@
 import csv
 import json
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -86,3 +87,15 @@ def test_bad_sweep_range_is_one_error_line(tmp_path):
     r = subprocess.run([sys.executable, str(ROOT / "run_lrfind.py"), "--exp", "smoke", "--start", "1", "--end", "0.1",
                         "--out", str(tmp_path)], capture_output=True, text=True)
     assert r.returncode != 0 and r.stderr.startswith("error: ") and "Traceback" not in r.stderr
+
+
+def test_ctrl_c_ends_the_sweep_with_one_line_and_status_130(tmp_path, data_dir):
+    p = subprocess.Popen([sys.executable, str(ROOT / "run_lrfind.py"), "--exp", "smoke", "--iters", "1000",
+                          "--out", str(tmp_path), "--data-dir", str(data_dir), "--set", "progress_s=1e-9"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    for line in p.stdout:
+        if line.startswith("  step 2/"):
+            p.send_signal(signal.SIGINT)
+            break
+    err = p.communicate(timeout=60)[1]
+    assert p.returncode == 130 and err == "interrupted (Ctrl-C): the sweep stopped, no file written\n"
