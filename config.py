@@ -27,7 +27,7 @@ class Config:
     download: bool = True          # fetch CIFAR-100 when missing and the network is there
     subset: int = 0                # training images kept (stratified); 0 = all
     augment: bool = True           # RandomCrop(32, padding=4) + horizontal flip
-    cutout: int = 0                # side of the square zeroed per training image; 0 = off
+    cutout: int = 0                # side of the square set to the mean per training image; 0 = off
     # model
     blocks: list = field(default_factory=lambda: [3, 3, 3])
     channels: list = field(default_factory=lambda: [64, 128, 256])
@@ -62,7 +62,8 @@ class Config:
                                    # "reduce-overhead" (CUDA graphs), "max-autotune-no-cudagraphs" (see bench.py)
     seed: int = 0
     deterministic: bool = False    # cudnn.deterministic + torch deterministic algorithms (slower)
-    log_every: int = 0             # a step line every N steps with an ETA; 0 = epoch lines only
+    log_every: int = 0             # also a step line every N steps; 0 = off
+    progress_s: float = 30.0       # a step line with the run's ETA every this many seconds of an epoch; 0 = off
     # io
     out_dir: str = "out"
     name: str = ""                 # run name: files are <out_dir>/<name>.*
@@ -105,7 +106,7 @@ def check_value(key, value):
 def validate(cfg):
     """Reject impossible combinations and out-of-range values."""
     positive = ["lr", "batch_size", "epochs", "stem_stride", "val_every", "lrfind_start"]
-    non_negative = ["weight_decay", "subset", "cutout", "momentum", "warmup", "final_lr", "log_every"]
+    non_negative = ["weight_decay", "subset", "cutout", "momentum", "warmup", "final_lr", "log_every", "progress_s"]
     for key in positive:
         if getattr(cfg, key) <= 0:
             raise UserError(f"config key '{key}' must be > 0, got {getattr(cfg, key)}")

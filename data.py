@@ -169,15 +169,15 @@ def crop_flip(x, g, order=None, pad=4):
     return torch.where(flip[:, None, None, None], out.flip(3), out)
 
 
-def cutout(x, g, size):
-    """Zero one size x size square per image (centre uniform over the image, clipped at the border)."""
-    n, _, h, w = x.shape
-    cy = torch.randint(0, h, (n, 1, 1), generator=g, device=x.device)
-    cx = torch.randint(0, w, (n, 1, 1), generator=g, device=x.device)
-    ys = torch.arange(h, device=x.device).view(1, h, 1)
-    xs = torch.arange(w, device=x.device).view(1, 1, w)
-    inside = ((ys - cy).abs() <= size // 2) & ((xs - cx).abs() <= size // 2)
-    return x * ~inside[:, None]
+def cutout_(x, centres, size):
+    """Fill one size x size square per image with 0, the dataset mean once normalised (DeVries & Taylor 2017); the
+    centres (2, N) are uniform over the image, so a square at the border is clipped."""
+    _, _, h, w = x.shape
+    top, left = (centres - size // 2).view(2, -1, 1, 1).unbind()
+    ys = torch.arange(h, device=x.device).view(1, h, 1) - top
+    xs = torch.arange(w, device=x.device).view(1, 1, w) - left
+    inside = (ys >= 0) & (ys < size) & (xs >= 0) & (xs < size)
+    return x.masked_fill_(inside[:, None], 0.0)
 
 
 def train_batches(x, y, cfg, epoch, start=0):
@@ -185,13 +185,16 @@ def train_batches(x, y, cfg, epoch, start=0):
     g = torch.Generator(device=x.device).manual_seed(cfg.seed * 100_003 + epoch)
     perm = torch.randperm(len(x), generator=g, device=x.device)
     images = crop_flip(x, g, perm) if cfg.augment else x[perm]
-    if cfg.cutout:
-        images = cutout(images, g, cfg.cutout)
+    if cfg.cutout:      # square centres for the whole epoch, drawn up front: a resumed epoch gets the same squares
+        centres = torch.randint(0, x.shape[-1], (2, len(x)), generator=g, device=x.device)     # square images
     labels, bs, steps = y[perm], cfg.batch_size, steps_per_epoch(len(x), cfg.batch_size)
     per = max(1, 2048 // bs)    # batches normalised together: ops large enough to run well, small enough to reuse memory
     for first in range(start, steps, per):
         s = slice(first * bs, min(first + per, steps) * bs)
-        yield from zip(normalize(images[s]).split(bs), labels[s].split(bs))
+        batch = normalize(images[s])
+        if cfg.cutout:
+            cutout_(batch, centres[:, s], cfg.cutout)
+        yield from zip(batch.split(bs), labels[s].split(bs))
 
 
 def steps_per_epoch(n, batch_size):

@@ -9,30 +9,28 @@ import csv
 import json
 import math
 import os
-import pickle
 import platform
-import re
 import signal
 import subprocess
 import time
-import warnings
 from dataclasses import asdict
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
+import console
 import data
 import files
-from config import Config, UserError, check_value, validate
+from config import UserError
 from resnet import ResNet
 
-FORMAT_VERSION = 1
 PREEMPTED_EXIT = 75         # exit code after a stop signal: last.ckpt is saved, requeue and --resume
-CSV_COLUMNS = ["epoch", "lr", "train_loss", "train_acc", "val_loss", "val_acc", "val_top5",
-               "epoch_s", "img_per_s", "elapsed_s"]
-RESUMABLE_CHANGES = {"data_dir", "download", "device", "compile", "log_every", "out_dir", "note", "deterministic",
-                     "lrfind_start", "lrfind_end", "lrfind_iters", "lrfind_diverge", "lrfind_stop"}
+INTERRUPTED_EXIT = 130      # after Ctrl-C (128 + SIGINT, as shells expect); last.ckpt is saved as well
+STOPPED_AT_ONCE = ("stopped at once by a second Ctrl-C: nothing saved since the last checkpoint; "
+                   "--resume goes on from it")
+RESUMABLE_CHANGES = {"data_dir", "download", "device", "compile", "log_every", "progress_s", "out_dir", "note",
+                     "deterministic", "lrfind_start", "lrfind_end", "lrfind_iters", "lrfind_diverge", "lrfind_stop"}
 
 
 class Diverged(UserError):
@@ -40,17 +38,27 @@ class Diverged(UserError):
 
 
 class Preempted(Exception):
-    """A stop signal arrived; last.ckpt holds the state to resume from."""
+    """A stop signal arrived; last.ckpt holds the state to resume from. .status is the exit status to end with."""
+
+    def __init__(self, signum, saved):
+        what = "interrupted (Ctrl-C)" if signum == signal.SIGINT else \
+            f"stopped by {signal.Signals(signum).name}" if isinstance(signum, int) else f"stopped ({signum})"
+        super().__init__(f"{what}: saved {saved}; rerun with --resume")
+        self.status = INTERRUPTED_EXIT if signum == signal.SIGINT else PREEMPTED_EXIT
 
 
 # ----------------------------------------------------------------------------
 # system
 
-def setup(cfg):
-    """Seed everything, pick the device, set the cuDNN/TF32 flags; returns the torch.device."""
+def pick_device(cfg):
     if cfg.device == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda was asked for, but no CUDA GPU is visible")
-    device = torch.device("cuda" if cfg.device != "cpu" and torch.cuda.is_available() else "cpu")
+    return torch.device("cuda" if cfg.device != "cpu" and torch.cuda.is_available() else "cpu")
+
+
+def setup(cfg):
+    """Seed everything, pick the device, set the cuDNN/TF32 flags; returns the torch.device."""
+    device = pick_device(cfg)
     torch.manual_seed(cfg.seed)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = not cfg.deterministic
@@ -191,48 +199,11 @@ def evaluate(model, x, y, tta=False, precision="auto"):
 
 
 # ----------------------------------------------------------------------------
-# checkpoints and files
-
-def save_atomic(obj, path):
-    with files.atomic_open(path, "wb") as f:
-        torch.save(obj, f)
-
-
-def load_checkpoint(path):
-    """A checkpoint dict, read with weights_only=True (no code runs); UserError if it is not a usable one."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"checkpoint {path} not found")
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")    # torch warns about a pickle protocol before refusing it
-            ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:        # weights_only met more than tensors and plain data
-        text = str(e).split("WeightsUnpickler error:")[-1]    # torch's advice to drop weights_only is not ours
-        called = re.search(r"GLOBAL (\S+)", text)
-        what = (f"unpickling it would call {called[1].rstrip('.')}" if called else "it holds more than tensors and "
-                f"plain data ({next((ln.strip() for ln in text.splitlines() if ln.strip()), '')})")
-        raise UserError(f"refused {path}: {what}, which could run code; it was not loaded")
-    except Exception as e:  # torch raises many types for truncated or foreign files
-        reason = str(e).split(". ")[0] if isinstance(e, RuntimeError) else type(e).__name__
-        raise UserError(f"{path} is not a readable checkpoint (truncated, or not from torch.save): {reason[:200]}")
-    if not isinstance(ckpt, dict) or not {"model", "config", "format_version"} <= ckpt.keys() \
-            or not isinstance(ckpt["format_version"], int):
-        raise UserError(f"{path} is not a checkpoint of this project (no model/config/format_version)")
-    if ckpt["format_version"] > FORMAT_VERSION:
-        raise UserError(f"{path} has checkpoint format {ckpt['format_version']}, newer than this code's "
-                        f"{FORMAT_VERSION}: update the code")
-    return ckpt
-
-
-def config_from(ckpt):
-    values = {k: check_value(k, v) for k, v in ckpt["config"].items()}
-    return validate(Config(**values))
-
+# a model from a checkpoint (files.load_checkpoint reads it)
 
 def model_from(ckpt, device="cpu"):
     """The model a checkpoint describes, with its weights loaded."""
-    cfg = config_from(ckpt)
+    cfg = files.config_from(ckpt)
     model = build_model(cfg, len(ckpt.get("classes") or []) or 100, device)
     load_weights(model, ckpt["model"], cfg)
     return model
@@ -246,22 +217,6 @@ def load_weights(model, state_dict, cfg):
                         f"{str(e).splitlines()[0]}")
 
 
-def run_paths(cfg):
-    out = Path(cfg.out_dir)
-    return {k: out / f"{cfg.name}{suffix}" for k, suffix in
-            [("csv", ".csv"), ("best", ".ckpt"), ("last", ".last.ckpt"), ("summary", ".json"), ("lock", ".lock")]}
-
-
-def open_csv(path, keep_epochs):
-    """The epoch CSV opened for appending, holding only the rows of epochs 1..keep_epochs."""
-    rows = []
-    if keep_epochs and path.exists():
-        with open(path, newline="") as f:
-            rows = [r for r in csv.DictReader(f) if r.get("epoch", "").isdigit() and int(r["epoch"]) <= keep_epochs]
-    files.write_csv(path, CSV_COLUMNS, rows)
-    return open(path, "a", newline="")
-
-
 # ----------------------------------------------------------------------------
 # stop signals (SLURM preemption, time limits)
 
@@ -269,12 +224,15 @@ stop_requested = []
 
 
 def request_stop(signum, frame):
-    """Only set a flag: the loop finishes its step, saves last.ckpt and exits with PREEMPTED_EXIT."""
+    """Only set a flag: the loop finishes its step, saves last.ckpt and raises Preempted. A second Ctrl-C stops at
+    once (KeyboardInterrupt)."""
+    if signum == signal.SIGINT and signal.SIGINT in stop_requested:
+        raise KeyboardInterrupt
     stop_requested.append(signum)
 
 
 def install_stop_handlers():
-    for sig in (signal.SIGUSR1, signal.SIGTERM):
+    for sig in (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, request_stop)
 
 
@@ -284,7 +242,7 @@ def install_stop_handlers():
 def train(cfg, resume=False, log=print):
     """Train cfg to the end (or to a stop signal); returns the summary dict also written to <name>.json."""
     device = setup(cfg)
-    paths = run_paths(cfg)
+    paths = files.run_paths(cfg)
     try:
         paths["csv"].parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -305,18 +263,18 @@ def train(cfg, resume=False, log=print):
 def train_locked(cfg, device, paths, resume, log):
     state = None
     if resume and paths["last"].exists():
-        state = load_checkpoint(paths["last"])
+        state = files.load_checkpoint(paths["last"])
         if not {"optimizer", "rng", "epoch_sums"} <= state.keys():
             raise UserError(f"{paths['last']} holds no training state (optimizer, RNG): it is not a .last.ckpt")
         changed = {k for k, v in state["config"].items() if getattr(cfg, k, None) != v} - RESUMABLE_CHANGES
         if changed:
             raise UserError(f"{paths['last']} was made with other settings ({', '.join(sorted(changed))}); "
                             f"resume with the same config, or run without --resume to start again")
-        if state.get("finished") and paths["summary"].exists():
+        finished = state.get("finished") and paths["summary"].exists()
+        summary = json.loads(paths["summary"].read_text()) if finished else {}
+        if "test_acc" in summary:       # not the record written at the start of a run that died before its end
             log(f"{cfg.name} already finished ({paths['last']}); nothing to do")
-            return json.loads(paths["summary"].read_text())
-    elif resume:
-        log(f"no {paths['last']} to resume from: starting from scratch")
+            return summary
 
     d = data.load(cfg, device)
     train_x, train_y = d["train"]
@@ -326,7 +284,7 @@ def train_locked(cfg, device, paths, resume, log):
     eval_model = ema if ema is not None else model
     steps = data.steps_per_epoch(len(train_x), cfg.batch_size)
     total_steps = steps * cfg.epochs
-    epoch, first_step, elapsed0 = 0, 0, 0.0
+    epoch, first_step, elapsed0, epoch_s0 = 0, 0, 0.0, 0.0     # epoch_s0: training time of the epoch before a stop
     best = {"val_acc": -1.0, "epoch": 0}
     sums = torch.zeros(3, device=device)        # loss sum, correct, seen of the epoch so far
     if state:
@@ -336,9 +294,17 @@ def train_locked(cfg, device, paths, resume, log):
             ema.load_state_dict(state["ema"])
         torch.set_rng_state(state["rng"]["torch"])
         epoch, first_step, elapsed0, best = state["epoch"], state["step_in_epoch"], state["elapsed_s"], state["best"]
-        sums = state["epoch_sums"].to(device)
+        sums, epoch_s0 = state["epoch_sums"].to(device), state.get("epoch_s", 0.0)
         first_batch_loss = state["first_batch_loss"]
-        log(f"resuming {cfg.name} at epoch {epoch + 1} step {first_step} from {paths['last']}")
+        head = f"resuming {cfg.name} at epoch {epoch + 1} step {first_step} from {paths['last']}"
+    else:       # a fresh start: the files of an earlier run of this name go at once (kept as *.old on --resume)
+        earlier = files.earlier_run(cfg)
+        for path in earlier:
+            path.replace(path.with_name(path.name + ".old")) if resume else path.unlink()
+        kept = "; the files found there are kept as *.old" if resume and earlier else ""
+        head = f"{cfg.name} from scratch (no {paths['last']} to resume from{kept})" if resume else cfg.name
+    log(console.run_line(head, cfg, model, device, f"{cfg.epochs} epochs x {steps} steps of batch {cfg.batch_size}",
+                         console.files_of(cfg)))
     first_batch = next(data.train_batches(train_x, train_y, cfg, epoch=0))    # note: augments a whole epoch, so once
     if not state:
         first_batch_loss = check_first_batch(model, *first_batch, cfg.precision, log)
@@ -348,16 +314,20 @@ def train_locked(cfg, device, paths, resume, log):
         compiled = compile_model(model, cfg)
         compile_s = warm_up(model, cfg, *first_batch)
         log(f"compiled in {compile_s:.1f}s (kept apart from training time)")
-    csv_file = open_csv(paths["csv"], epoch)
-    writer = csv.DictWriter(csv_file, CSV_COLUMNS)
+    files.write_json({"name": cfg.name, "status": "started", "params": model.num_params(),
+                      "first_batch_loss": first_batch_loss, "device": str(device), "config": asdict(cfg),
+                      "versions": versions()}, paths["summary"])
+    csv_file = files.open_csv(paths["csv"], epoch)
+    writer = csv.DictWriter(csv_file, files.CSV_COLUMNS)
+    tick = console.progress(cfg, device, total_steps, epoch * steps + first_step, log, elapsed0)
 
     def checkpoint(kind, **extra):
-        common = {"format_version": FORMAT_VERSION, "config": asdict(cfg), "classes": d["classes"],
+        common = {"format_version": files.FORMAT_VERSION, "config": asdict(cfg), "classes": d["classes"],
                   "versions": versions(), "first_batch_loss": first_batch_loss}
         if kind == "best":
-            save_atomic({**common, "model": eval_model.state_dict(), **extra}, paths["best"])
+            files.save_checkpoint({**common, "model": eval_model.state_dict(), **extra}, paths["best"])
         else:
-            save_atomic({**common, "model": model.state_dict(), "optimizer": opt.state_dict(),
+            files.save_checkpoint({**common, "model": model.state_dict(), "optimizer": opt.state_dict(),
                          "ema": ema.state_dict() if ema else None, "best": best,
                          "elapsed_s": elapsed0 + time.time() - t_run, "rng": {"torch": torch.get_rng_state()},
                          **extra}, paths["last"])
@@ -378,19 +348,19 @@ def train_locked(cfg, device, paths, resume, log):
                     update_ema(ema, model, cfg.ema)
                 if device.type == "cpu" or (i + 1) % 100 == 0 or i + 1 == steps:
                     check_finite(sums[0], epoch, i, lr, paths)  # note: a host sync on CUDA, hence every 100 steps
-                if cfg.log_every and (i + 1) % cfg.log_every == 0:
+                eta = tick(epoch * steps + i + 1, i + 1)
+                if eta is not None:     # note: a host sync, hence time-based (every progress_s seconds)
                     rate = (i + 1 - first_step) * cfg.batch_size / (time.time() - t0)
-                    eta = ((cfg.epochs - epoch) * steps - i - 1) * cfg.batch_size / rate
-                    log(f"  step {i + 1}/{steps} | loss {sums[0].item() / sums[2].item():.3f} | "
-                        f"{rate:,.0f} img/s | eta {eta:.0f}s")
+                    log(console.step_line(f"ep {epoch + 1}/{cfg.epochs} step {i + 1}/{steps}",
+                                          (sums[0] / sums[2]).item(), rate, elapsed0 + time.time() - t_run, eta))
                 if stop_requested:
                     check_finite(sums[0], epoch, i, lr, paths)  # never save weights a NaN has spoilt
-                    checkpoint("last", epoch=epoch, step_in_epoch=i + 1, epoch_sums=sums.cpu())
-                    raise Preempted(f"stop signal {stop_requested[0]}: saved {paths['last']} at epoch {epoch + 1} "
-                                    f"step {i + 1}; rerun with --resume")
+                    checkpoint("last", epoch=epoch, step_in_epoch=i + 1, epoch_sums=sums.cpu(),
+                               epoch_s=epoch_s0 + time.time() - t0)
+                    raise Preempted(stop_requested[0], f"{paths['last']} at epoch {epoch + 1} step {i + 1}")
             if device.type == "cuda":
                 torch.cuda.synchronize()
-            epoch_s = time.time() - t0
+            epoch_s = epoch_s0 + time.time() - t0
             epoch += 1
             validated = epoch % cfg.val_every == 0 or epoch == cfg.epochs
             val = evaluate(eval_model, *d["val"], cfg.tta, cfg.precision) if validated else {}
@@ -404,12 +374,10 @@ def train_locked(cfg, device, paths, resume, log):
             if val and val["acc"] > best["val_acc"]:
                 best = {"val_acc": val["acc"], "val_loss": val["loss"], "val_top5": val["top5"], "epoch": epoch}
                 checkpoint("best", epoch=epoch, metrics=best)
-            first_step = 0
+            first_step, epoch_s0 = 0, 0.0
             sums = torch.zeros(3, device=device)
             checkpoint("last", epoch=epoch, step_in_epoch=0, epoch_sums=sums.cpu(), finished=epoch == cfg.epochs)
-            shown = f"{val['loss']:.3f} {100 * val['acc']:.1f}% (best {100 * best['val_acc']:.1f}%)" if val else "-"
-            log(f"ep {epoch}/{cfg.epochs} | train {train_loss:.3f} {100 * train_acc:.1f}% | val {shown} | lr {lr:.1e} | "
-                f"{epoch_s:.1f}s {float(row['img_per_s']):,.0f} img/s")
+            log(console.epoch_line(row, cfg.epochs, best["val_acc"]))
     return finish(cfg, d, paths, device, first_batch_loss, elapsed0 + time.time() - t_run, log, compile_s)
 
 
@@ -432,13 +400,14 @@ def check_finite(loss, epoch, step, lr, paths):
 
 def finish(cfg, d, paths, device, first_batch_loss, wall_s, log, compile_s=0.0):
     """Test the best checkpoint once, write the summary JSON, return it."""
-    best_ckpt = load_checkpoint(paths["best"])
+    best_ckpt = files.load_checkpoint(paths["best"])
     best_model = model_from(best_ckpt, device)
     test = evaluate(best_model, *d["test"], cfg.tta, cfg.precision)
     with open(paths["csv"], newline="") as f:
         train_s = sum(float(r["epoch_s"]) for r in csv.DictReader(f))
-    summary = {"name": cfg.name, "best_epoch": best_ckpt["epoch"], "best_val_acc": best_ckpt["metrics"]["val_acc"],
-               "test_loss": test["loss"], "test_acc": test["acc"], "test_top5": test["top5"],
+    summary = {"name": cfg.name, "status": "finished", "best_epoch": best_ckpt["epoch"],
+               "best_val_acc": best_ckpt["metrics"]["val_acc"], "test_loss": test["loss"], "test_acc": test["acc"],
+               "test_top5": test["top5"],
                "first_batch_loss": first_batch_loss, "params": best_model.num_params(),
                "train_s": round(train_s, 3), "compile_s": round(compile_s, 3), "wall_s": round(wall_s, 3),
                "device": str(device),

@@ -1,13 +1,45 @@
-"""File safety: atomic writes (a crash or a full disk leaves the old file or the new one, never half of one)
-and the lock that keeps two runs from writing the same files."""
+"""The run's files: atomic writes (a crash or a full disk leaves the old file or the new one, never half of one),
+the lock that keeps two runs from writing the same files, checkpoints read with weights_only=True, the epoch CSV.
+
+    python -c "import files; print(files.load_checkpoint('out/smoke.ckpt')['metrics'])"
+"""
 import contextlib
 import csv
 import fcntl
 import json
 import os
+import pickle
+import re
+import warnings
 from pathlib import Path
 
-from config import UserError
+import torch
+
+from config import Config, UserError, check_value, validate
+
+FORMAT_VERSION = 1
+CSV_COLUMNS = ["epoch", "lr", "train_loss", "train_acc", "val_loss", "val_acc", "val_top5",
+               "epoch_s", "img_per_s", "elapsed_s"]
+
+
+def run_paths(cfg):
+    out = Path(cfg.out_dir)
+    return {k: out / f"{cfg.name}{suffix}" for k, suffix in
+            [("csv", ".csv"), ("best", ".ckpt"), ("last", ".last.ckpt"), ("summary", ".json"), ("lock", ".lock")]}
+
+
+def eval_paths(folder, name, split="test", last=False):
+    """run_eval.py's result files: <name>[.last][.val].eval.json and the matching .per_class.csv."""
+    stem = name + (".last" if last else "") + ("" if split == "test" else f".{split}")
+    return Path(folder) / f"{stem}.eval.json", Path(folder) / f"{stem}.per_class.csv"
+
+
+def earlier_run(cfg):
+    """The files an earlier run of this name left: epoch CSV, checkpoints, record, and run_eval.py's results."""
+    paths = run_paths(cfg)
+    evals = [p for split in ("test", "val") for last in (False, True)
+             for p in eval_paths(cfg.out_dir, cfg.name, split, last)]
+    return [p for p in [paths[k] for k in ("csv", "best", "last", "summary")] + evals if p.exists()]
 
 
 @contextlib.contextmanager
@@ -39,19 +71,69 @@ def write_csv(path, columns, rows):
 
 
 @contextlib.contextmanager
-def run_lock(path):
-    """Hold an exclusive lock on path while the run lives; a second run of the same name is refused."""
+def run_lock(path, wait=False):
+    """Hold an exclusive lock on path: a second run of the same name is refused, or with wait=True waits for it."""
     try:
         f = open(path, "a")
     except OSError as e:
         raise UserError(f"cannot write to {path.parent}: {e.strerror}")
-    try:
-        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        f.close()
-        raise UserError(f"another run is writing {path.with_suffix('')}.* (lock {path} is held); "
-                        f"wait for it or use another --out")
-    try:
+    with f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except BlockingIOError:
+            raise UserError(f"another run is writing {path.with_suffix('')}.* (lock {path} is held); "
+                            f"wait for it or use another --out")
+        except OSError as e:    # ENOSYS, ENOLCK, EOPNOTSUPP: a filesystem without flock (some Lustre and NFS mounts)
+            raise UserError(f"cannot lock files in {path.parent}: {e.strerror}; its filesystem may not support "
+                            f"file locks (some Lustre or NFS mounts): use a local --out")
         yield
-    finally:
-        f.close()
+
+
+# ----------------------------------------------------------------------------
+# checkpoints and the epoch CSV
+
+def save_checkpoint(obj, path):
+    with atomic_open(path, "wb") as f:
+        torch.save(obj, f)
+
+
+def load_checkpoint(path):
+    """A checkpoint dict, read with weights_only=True (no code runs); UserError if it is not a usable one."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"checkpoint {path} not found")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")    # torch warns about a pickle protocol before refusing it
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:        # weights_only met more than tensors and plain data
+        text = str(e).split("WeightsUnpickler error:")[-1]    # torch's advice to drop weights_only is not ours
+        called = re.search(r"GLOBAL (\S+)", text)
+        what = (f"unpickling it would call {called[1].rstrip('.')}" if called else "it holds more than tensors and "
+                f"plain data ({next((ln.strip() for ln in text.splitlines() if ln.strip()), '')})")
+        raise UserError(f"refused {path}: {what}, which could run code; it was not loaded")
+    except Exception as e:  # torch raises many types for truncated or foreign files
+        reason = str(e).split(". ")[0] if isinstance(e, RuntimeError) else type(e).__name__
+        raise UserError(f"{path} is not a readable checkpoint (truncated, or not from torch.save): {reason[:200]}")
+    if not isinstance(ckpt, dict) or not {"model", "config", "format_version"} <= ckpt.keys() \
+            or not isinstance(ckpt["format_version"], int):
+        raise UserError(f"{path} is not a checkpoint of this project (no model/config/format_version)")
+    if ckpt["format_version"] > FORMAT_VERSION:
+        raise UserError(f"{path} has checkpoint format {ckpt['format_version']}, newer than this code's "
+                        f"{FORMAT_VERSION}: update the code")
+    return ckpt
+
+
+def config_from(ckpt):
+    values = {k: check_value(k, v) for k, v in ckpt["config"].items()}
+    return validate(Config(**values))
+
+
+def open_csv(path, keep_epochs):
+    """The epoch CSV opened for appending, holding only the rows of epochs 1..keep_epochs."""
+    rows = []
+    if keep_epochs and path.exists():
+        with open(path, newline="") as f:
+            rows = [r for r in csv.DictReader(f) if r.get("epoch", "").isdigit() and int(r["epoch"]) <= keep_epochs]
+    write_csv(path, CSV_COLUMNS, rows)
+    return open(path, "a", newline="")

@@ -21,6 +21,7 @@ DATA_DIR=${DATA_DIR:-/root/c100}
 BUDGET_S=${BUDGET_S:-530}
 PY=${PYTHON:-$(command -v python || command -v python3)}
 RUNS=out/gpu_check                   # checkpoints stay here, on the machine: too big to bring back
+BEST_EVAL_S=40                       # kept at the deadline for best's stop, save and evaluation
 START=$(date +%s)
 rm -rf "$RUNS"                       # a rerun must not read an earlier run's files
 mkdir -p "$OUT/logs" "$OUT/results" "$RUNS"
@@ -35,8 +36,8 @@ if [ "${1:-}" = "--dry-run" ]; then  # generated data, 1-block 8-channel models,
 else
     DATA=(--data-dir "$DATA_DIR")
     DATA_PY=(--data-dir "$DATA_DIR")
-    TINY=()
-    LRFIND=(--no-compile)     # 200 eager steps take seconds; compiling would take ~30 s
+    TINY=()                 # empty: expanded with the ${A[@]+...} guard, as bash < 4.4 aborts on it under set -u
+    LRFIND=(--no-compile)     # 100 eager steps take seconds; compiling would take ~30 s
     # CUDA graphs and max-autotune-no-cudagraphs are left out to keep time for the recipes: each compiles again
     # (~30 s and minutes); measure them with: python bench.py --modes fp32,compile,cudagraphs,autotune
     BENCH=(--modes fp32,bf16,channels_last,compile)
@@ -74,22 +75,23 @@ step data 40 "$PY" data.py "${DATA_PY[@]}" --out "$RUNS" --json
 # bench                        ~50 s: start ~5 s, pipelines ~10 s, eager modes ~5 s, one compile ~30 s
 step bench 80 "$PY" bench.py "${BENCH[@]}" --json --out "$RUNS"
 # LR finder, report            ~15 s: start + data ~10 s, 100 eager steps of batch 128 (the report's sweep)
-step lrfind 45 "$PY" run_lrfind.py --exp report "${DATA[@]}" "${TINY[@]}" "${LRFIND[@]}" --out "$RUNS"
+step lrfind 45 "$PY" run_lrfind.py --exp report "${DATA[@]}" ${TINY[@]+"${TINY[@]}"} "${LRFIND[@]}" --out "$RUNS"
 # fast   ~55 s: start + data ~10 s, compile ~30 s, training ~5-8 s (target <= 5), evaluations ~5 s; eval ~10 s
-step fast 90 "$PY" run_train.py --exp fast "${DATA[@]}" "${TINY[@]}" --out "$RUNS"
+step fast 90 "$PY" run_train.py --exp fast "${DATA[@]}" ${TINY[@]+"${TINY[@]}"} --out "$RUNS"
 step fast-eval 30 "$PY" run_eval.py "$RUNS/fast.ckpt"
 # c70    ~70 s: start + data ~10 s, compile ~30 s, training ~15 s (target <= 15), evaluations ~10 s; eval ~10 s
-step c70 100 "$PY" run_train.py --exp c70 "${DATA[@]}" "${TINY[@]}" --out "$RUNS"
+step c70 100 "$PY" run_train.py --exp c70 "${DATA[@]}" ${TINY[@]+"${TINY[@]}"} --out "$RUNS"
 step c70-eval 30 "$PY" run_eval.py "$RUNS/c70.ckpt"
 # report ~90 s: start + data ~10 s, compile ~30 s, training ~30-40 s (7,000 steps of batch 128; target <= 30),
 # evaluations ~10 s; eval ~10 s
-step report 130 "$PY" run_train.py --exp report "${DATA[@]}" "${TINY[@]}" --out "$RUNS"
+step report 130 "$PY" run_train.py --exp report "${DATA[@]}" ${TINY[@]+"${TINY[@]}"} --out "$RUNS"
 step report-eval 30 "$PY" run_eval.py "$RUNS/report.ckpt"
-# best: all the time left but 15 s (~180 s if the steps above keep to their estimates): start + data ~10 s,
-# compile ~40 s, training sized for ~70-110 s, evaluations ~15 s; its eval ~10 s if time is left, else the
-# summary (or, if stopped early, the table below) still holds the best checkpoint's accuracy
-step best $((START + BUDGET_S - $(date +%s) - 15)) "$PY" run_train.py --exp best "${DATA[@]}" "${TINY[@]}" --out "$RUNS"
-step best-eval 30 "$PY" run_eval.py "$RUNS/best.ckpt"
+# best: all the time left but BEST_EVAL_S (~150 s if the steps above keep to their estimates): start + data ~10 s,
+# compile ~40 s, training sized for ~70-110 s, evaluations ~15 s. Stopped at the deadline, it saves and exits in a
+# few seconds, and its evaluation (~10-15 s) still has the BEST_EVAL_S kept for it: the table shows its test accuracy
+step best $((START + BUDGET_S - $(date +%s) - BEST_EVAL_S)) "$PY" run_train.py --exp best "${DATA[@]}" \
+    ${TINY[@]+"${TINY[@]}"} --out "$RUNS"
+step best-eval $BEST_EVAL_S "$PY" run_eval.py "$RUNS/best.ckpt"
 
 # ---- results/<date>-<card>-<what>.{csv,json} and the table, always (no deadline) ----
 "$PY" - "$RUNS" "$OUT" "$STAMP" "$CARD" <<'EOF' 2>&1 | tee "$OUT/logs/table.log"
@@ -112,6 +114,7 @@ print("\n| exp | val acc | test acc | training s | compile s | img/s | card |")
 print("| --- | --: | --: | --: | --: | --: | --- |")
 for exp in ("fast", "c70", "report", "best"):
     summary, ev = read(runs / f"{exp}.json"), read(runs / f"{exp}.eval.json")
+    summary = summary if summary and "test_acc" in summary else None    # a stopped run has its start record only
     rows = list(csv.DictReader(open(runs / f"{exp}.csv"))) if (runs / f"{exp}.csv").exists() else []
     if not rows:
         print(f"| {exp} | - | - | - | - | - | {card} (no epoch logged) |")

@@ -3,6 +3,7 @@
     python run_eval.py out/best.ckpt                 # test split, TTA as the run was configured
     python run_eval.py out/best.ckpt --split val --no-tta
     python run_eval.py out/smoke.ckpt --data-dir /tmp/data
+    python run_eval.py out/best.last.ckpt            # the weights of the last save: out/best.last.eval.json
 """
 import argparse
 import math
@@ -19,19 +20,29 @@ from config import UserError
 
 def evaluate_checkpoint(path, split="test", tta=None, data_dir=None, device="auto"):
     """Everything run_eval.py prints, as a dict; per-class accuracies under 'per_class'."""
-    ckpt = engine.load_checkpoint(path)
-    cfg = engine.config_from(ckpt)
+    ckpt = files.load_checkpoint(path)
+    cfg = files.config_from(ckpt)
     cfg.device = device
     if data_dir is not None:
         cfg.data_dir = data_dir
     tta = cfg.tta if tta is None else tta
     device = engine.setup(cfg)
+    last = "optimizer" in ckpt          # a .last.ckpt: the weights of its save, not those of the best epoch
+    averaged = "EMA" if cfg.ema else "raw"
+    if last:
+        step = ckpt.get("step_in_epoch", 0)
+        when = f"epoch {ckpt['epoch'] + 1} step {step}" if step else f"end of epoch {ckpt['epoch']}"
+        weights = f"last checkpoint, {when} ({averaged} weights, not the best epoch's)"
+        ckpt = {**ckpt, "model": ckpt["ema"] if cfg.ema else ckpt["model"]}
+    else:
+        weights = f"best epoch {ckpt.get('epoch')} ({averaged} weights)"
     model = engine.model_from(ckpt, device)
     d = data.load(cfg, device)
     x, y = d[split]
     logits = engine.predict(model, x, tta, cfg.precision)
-    result = {"checkpoint": str(path), "name": cfg.name, "split": split, "tta": tta, "n": len(y),
-              **engine.metrics(logits, y), "epoch": ckpt.get("epoch"), "val_acc_at_save": ckpt.get("metrics", {}).get("val_acc")}
+    result = {"checkpoint": str(path), "name": cfg.name, "weights": weights, "last": last, "split": split, "tta": tta,
+              "n": len(y), **engine.metrics(logits, y), "epoch": ckpt.get("epoch"),
+              "val_acc_at_save": ckpt.get("metrics", {}).get("val_acc")}
     n_classes = len(d["classes"])
     majority = torch.bincount(d["train"][1], minlength=n_classes).argmax()
     result["baselines"] = {"majority_class": {"class": d["classes"][majority], "acc": (y == majority).float().mean().item()},
@@ -45,9 +56,8 @@ def evaluate_checkpoint(path, split="test", tta=None, data_dir=None, device="aut
 
 
 def write_outputs(result, folder):
-    """<name>.eval.json (test) or <name>.<split>.eval.json, and the matching .per_class.csv."""
-    stem = result["name"] if result["split"] == "test" else f"{result['name']}.{result['split']}"
-    json_path, csv_path = folder / f"{stem}.eval.json", folder / f"{stem}.per_class.csv"
+    """<name>[.last][.val].eval.json and the matching .per_class.csv (files.eval_paths)."""
+    json_path, csv_path = files.eval_paths(folder, result["name"], result["split"], result["last"])
     files.write_json({k: v for k, v in result.items() if k != "per_class"}, json_path)
     files.write_csv(csv_path, ["class", "name", "n", "acc"], result["per_class"])
     return json_path, csv_path
@@ -69,7 +79,7 @@ def main():
         sys.exit(f"error: {e}")
     except OSError as e:       # a read-only or full folder beside the checkpoint
         sys.exit(f"error: cannot write {e.filename2 or e.filename}: {e.strerror}")
-    print(f"{r['name']} epoch {r['epoch']} | {r['split']} n={r['n']} tta={r['tta']} | loss {r['loss']:.4f} | "
+    print(f"{r['name']} {r['weights']} | {r['split']} n={r['n']} tta={r['tta']} | loss {r['loss']:.4f} | "
           f"top-1 {100 * r['acc']:.2f}% | top-5 {100 * r['top5']:.2f}%")
     b = r["baselines"]
     print(f"baselines | majority class ({b['majority_class']['class']}) {100 * b['majority_class']['acc']:.2f}% | "

@@ -9,18 +9,21 @@
 A grid in experiments.json is a base experiment plus a list of values per key; its configs are the
 product of the lists (a one-value list just sets the key). Each run writes out/<grid>/<run>.{csv,ckpt,
 last.ckpt,json}; out/<grid>.csv holds one row per config, updated as each run ends. Running the grid
-again skips finished configs and resumes an interrupted one from its last.ckpt.
+again skips finished configs and resumes an interrupted one from its last.ckpt. A config that fails for any
+reason gets a `failed` row with the reason and the grid goes on; it then exits with status 1.
 """
 import argparse
 import csv
-import fcntl
 import itertools
 import json
 import sys
+import time
+import traceback
 from dataclasses import replace
 from pathlib import Path
 
 import config
+import console
 import engine
 import files
 import run_train
@@ -28,7 +31,7 @@ from resnet import ResNet
 
 SHORT = {"lr": "lr", "weight_decay": "wd", "blocks": "b", "channels": "c", "batch_size": "bs",
          "label_smoothing": "ls", "optimizer": "", "schedule": ""}     # key prefixes in run names
-RESULTS = ["params", "best_val_acc", "best_epoch", "test_acc", "train_s", "status"]
+RESULTS = ["params", "best_val_acc", "best_epoch", "test_acc", "train_s", "status", "reason"]
 
 
 def run_name(varied):
@@ -80,16 +83,16 @@ def read_summary(path):
 
 def update_summary(path, row, columns):
     """Replace this run's row under a lock: the tasks of a SLURM array write the same file at once."""
-    with open(f"{path}.lock", "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+    with files.run_lock(Path(f"{path}.lock"), wait=True):
         rows = read_summary(path)
         rows[row["run"]] = row
         files.write_csv(path, columns, sorted(rows.values(), key=lambda r: int(r["index"])))
 
 
-def result_row(index, name, varied, cfg, status, s=None):
+def result_row(index, name, varied, cfg, status, s=None, reason=""):
     row = {"index": index, "run": name, **{k: json.dumps(v) if isinstance(v, list) else v for k, v in varied.items()},
-           "params": s["params"] if s else ResNet(cfg.blocks, cfg.channels, stem_stride=cfg.stem_stride).num_params(), "status": status}
+           "params": s["params"] if s else ResNet(cfg.blocks, cfg.channels, stem_stride=cfg.stem_stride).num_params(),
+           "status": status, "reason": reason}
     if s:
         row.update(best_val_acc=f"{s['best_val_acc']:.5f}", best_epoch=s["best_epoch"],
                    test_acc=f"{s['test_acc']:.5f}", train_s=f"{s['train_s']:.1f}")
@@ -130,24 +133,44 @@ def main():
         if args.index is not None and not 0 <= args.index < len(runs):
             raise config.UserError(f"grid '{args.grid}' has configs 0-{len(runs) - 1}, got --index {args.index}")
         indices = range(len(runs)) if args.index is None else [args.index]
+        first = runs[indices[0]][2]
+        epochs = "epochs varied" if "epochs" in axes else f"{first.epochs} epochs each"
+        print(f"grid {args.grid} | {len(indices)} of {len(runs)} configs of {' x '.join(axes) or 'one'} | "
+              f"{console.device_text(first, engine.pick_device(first))} | {epochs} | "
+              f"files {first.out_dir}/, {summary}", flush=True)
         engine.install_stop_handlers()
-        for i in indices:
+        done = {r["run"] for r in read_summary(summary).values() if r["status"] == "done"}
+        spent, failed = [], []       # seconds per config done (a finished config's own wall time); failed runs
+        for n, i in enumerate(indices):
             name, varied, cfg = runs[i]
-            print(f"== {args.grid} [{i}/{len(runs) - 1}] {name}", flush=True)
+            left = sum(runs[j][0] not in done for j in indices[n:])
+            eta = f" | grid eta {console.duration(sum(spent) / len(spent) * left)}" if spent else ""
+            print(f"== {args.grid} [{i}/{len(runs) - 1}] {name} | config {n + 1} of {len(indices)}{eta}", flush=True)
+            t0 = time.time()
             try:
-                s = engine.train(cfg, resume=engine.run_paths(cfg)["last"].exists())
+                s = engine.train(cfg, resume=files.run_paths(cfg)["last"].exists())
                 row = result_row(i, name, varied, cfg, "done", s)
-            except engine.Diverged as e:
-                print(f"failed: {e}")
-                row = result_row(i, name, varied, cfg, "failed")
-            except engine.Preempted as e:
+                spent.append(s["wall_s"])
+            except (engine.Preempted, KeyboardInterrupt) as e:      # a stop signal, or a second Ctrl-C
                 update_summary(summary, result_row(i, name, varied, cfg, "interrupted"), columns)
-                print(e, file=sys.stderr)
-                sys.exit(engine.PREEMPTED_EXIT)
+                print(e if isinstance(e, engine.Preempted) else engine.STOPPED_AT_ONCE, file=sys.stderr)
+                sys.exit(getattr(e, "status", engine.INTERRUPTED_EXIT))
+            except Exception as e:          # any other failure (divergence, out of memory, other settings, a bug)
+                if not isinstance(e, config.UserError):
+                    traceback.print_exc()
+                reason = (str(e).splitlines() or [""])[0]
+                reason = reason if isinstance(e, config.UserError) else f"{type(e).__name__}: {reason}"
+                print(f"failed: {reason}", flush=True)
+                row = result_row(i, name, varied, cfg, "failed", reason=reason)
+                failed.append(name)
+                spent.append(time.time() - t0)
             update_summary(summary, row, columns)
     except config.UserError as e:
         sys.exit(f"error: {e}")
     print_ranked(summary)
+    if failed:
+        sys.exit(f"error: {len(failed)} of {len(indices)} configs failed ({', '.join(failed)}): "
+                 f"see the status and reason columns of {summary}")
 
 
 if __name__ == "__main__":

@@ -13,27 +13,31 @@ import copy
 import itertools
 import math
 import sys
+import time
 from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 
 import config
+import console
 import data
 import engine
 import files
 import run_train
 
 
-def lr_sweep(model, cfg, x, y, beta=0.9):
+def lr_sweep(model, cfg, x, y, beta=0.9, log=lambda line: None):
     """Train a copy of model for cfg.lrfind_iters steps, the LR growing exponentially from cfg.lrfind_start to
-    cfg.lrfind_end; returns (rows, why it stopped early)."""
+    cfg.lrfind_end; returns (rows, why it stopped early). Step lines with the sweep's ETA go to log every
+    cfg.progress_s seconds."""
     model = copy.deepcopy(model)        # the caller's model keeps its weights
     opt = engine.make_optimizer(model, cfg)
     step_model = engine.compile_model(model, cfg) if engine.use_compile(cfg, x.device) else model
     batches = (b for epoch in itertools.count() for b in data.train_batches(x, y, cfg, epoch))
     start, end, iters = cfg.lrfind_start, cfg.lrfind_end, cfg.lrfind_iters
     rows, avg, lowest, stop = [], 0.0, math.inf, ""
+    tick, t0 = console.progress(cfg, x.device, iters, 0, log), time.time()
     for i, (xb, yb) in zip(range(iters), batches):
         lr = start * (end / start) ** (i / max(1, iters - 1))
         loss = engine.train_step(step_model, opt, xb, yb, cfg, lr)[0].item()   # note: a host sync every step
@@ -45,6 +49,10 @@ def lr_sweep(model, cfg, x, y, beta=0.9):
         rows.append({"iter": i, "lr": lr, "loss": loss, "smooth_loss": smooth})
         watched = loss if cfg.lrfind_stop == "raw" else smooth
         lowest = min(lowest, watched)
+        eta = tick(i + 1, i + 1)
+        if eta is not None:
+            log(console.step_line(f"step {i + 1}/{iters} lr {lr:.1e}", smooth, (i + 1) * cfg.batch_size /
+                                  (time.time() - t0), time.time() - t0, eta))
         if watched > cfg.lrfind_diverge * lowest:
             stop = f"{cfg.lrfind_stop} loss {watched:.3g} > {cfg.lrfind_diverge:g} x its minimum {lowest:.3g} at lr {lr:.2e}"
             break
@@ -98,10 +106,16 @@ def main():
     except OSError as e:
         sys.exit(f"error: cannot create output folder {cfg.out_dir}: {e.strerror}")
 
-    print(f"lr sweep {cfg.name} | {cfg.optimizer} momentum {cfg.momentum:g} wd {cfg.weight_decay:g} batch {cfg.batch_size} "
-          f"| {cfg.lrfind_iters} steps {cfg.lrfind_start:.1e} .. {cfg.lrfind_end:.1e}, stop at {cfg.lrfind_diverge:g}x the "
-          f"{cfg.lrfind_stop} loss's minimum | {device}", flush=True)
-    rows, stop = lr_sweep(model, cfg, *d["train"], args.smooth)
+    print(console.run_line(f"lr sweep {cfg.name}", cfg, model, device,
+                           f"{cfg.lrfind_iters} steps of batch {cfg.batch_size}, {cfg.optimizer} momentum {cfg.momentum:g} "
+                           f"wd {cfg.weight_decay:g} lr {cfg.lrfind_start:.1e} .. {cfg.lrfind_end:.1e}, stop at "
+                           f"{cfg.lrfind_diverge:g}x the {cfg.lrfind_stop} loss's minimum", out / f"{cfg.name}.lrfind.*"),
+          flush=True)
+    try:
+        rows, stop = lr_sweep(model, cfg, *d["train"], args.smooth, log=lambda line: print(line, flush=True))
+    except KeyboardInterrupt:
+        print("interrupted (Ctrl-C): the sweep stopped, no file written", file=sys.stderr)
+        sys.exit(engine.INTERRUPTED_EXIT)
     result = {"exp": args.exp, **suggest(rows), "stopped_early": bool(stop), "stop_reason": stop, "iters": len(rows),
               "start": cfg.lrfind_start, "end": cfg.lrfind_end, "smooth": args.smooth, "diverge": cfg.lrfind_diverge,
               "stop_on": cfg.lrfind_stop,

@@ -6,11 +6,10 @@
     python run_train.py --exp best --resume              # continue from out/best.last.ckpt
 """
 import argparse
-import json
 import sys
-from dataclasses import asdict
 
 import config
+import console
 import engine
 
 
@@ -48,19 +47,19 @@ def main():
     p.add_argument("--experiments", default=config.EXPERIMENTS_FILE, metavar="FILE",
                    help="the experiments file to read --exp from (default: experiments.json beside this script)")
     args = p.parse_args()
+    engine.install_stop_handlers()      # from here Ctrl-C, SIGTERM and SIGUSR1 ask for a stop (last.ckpt saved)
     try:
         cfg = config.resolve(args.exp, overrides(args), args.experiments)
-        print(json.dumps(asdict(cfg)))
-        engine.install_stop_handlers()
         s = engine.train(cfg, resume=args.resume)
     except config.UserError as e:
         sys.exit(f"error: {e}")
     except engine.Preempted as e:
         print(e, file=sys.stderr)
-        sys.exit(engine.PREEMPTED_EXIT)
-    print(f"done {s['name']} | best val {100 * s['best_val_acc']:.2f}% (epoch {s['best_epoch']}) | "
-          f"test {100 * s['test_acc']:.2f}% top5 {100 * s['test_top5']:.2f}% | params {s['params'] / 1e6:.2f}M | "
-          f"train {s['train_s']:.1f}s (compile {s.get('compile_s', 0):.1f}s apart) wall {s['wall_s']:.1f}s")
+        sys.exit(e.status)
+    except KeyboardInterrupt:           # a second Ctrl-C
+        print(engine.STOPPED_AT_ONCE, file=sys.stderr)
+        sys.exit(engine.INTERRUPTED_EXIT)
+    print(console.done_line(s))
     print("files: " + " ".join(s["files"]))
 
 

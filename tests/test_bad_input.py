@@ -9,6 +9,7 @@ import torch
 import config
 import data
 import engine
+import files
 import run_eval
 import run_train
 from fault_helpers import SMALL, assert_one_error_line, main_error, run, snapshot
@@ -126,7 +127,7 @@ def other_architecture(good, path):
 
 
 def newer_format(good, path):
-    torch.save({**torch.load(good, weights_only=True), "format_version": engine.FORMAT_VERSION + 1}, path)
+    torch.save({**torch.load(good, weights_only=True), "format_version": files.FORMAT_VERSION + 1}, path)
 
 
 def best_not_last(good, path):

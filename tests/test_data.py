@@ -104,3 +104,22 @@ def test_truncated_pickle_is_a_clear_error(tmp_path):
     (folder / "train").write_bytes((folder / "train").read_bytes()[:500])
     with pytest.raises(UserError, match="truncated"):
         data.load(Config(data_dir=str(tmp_path), download=False))
+
+
+def test_cutout_fills_one_exact_size_square_with_the_mean_and_a_resumed_epoch_gets_the_same_squares():
+    x = torch.randint(0, 256, (512, 3, 32, 32), dtype=torch.uint8)
+    cfg = Config(batch_size=64, augment=False, cutout=8)
+    batches = list(data.train_batches(x, torch.arange(512), cfg, 0))
+    images = torch.cat([b for b, _ in batches])
+    filled = (images == 0).all(1)               # (N, H, W): pixels at the mean in every channel (0 once normalised)
+    inside = 0
+    for square in filled:
+        assert square.any()
+        rows, cols = square.any(1).nonzero().flatten(), square.any(0).nonzero().flatten()
+        assert square.sum() == len(rows) * len(cols) and len(rows) <= 8 and len(cols) <= 8     # one square, clipped
+        whole = 0 < rows.min() and rows.max() < 31 and 0 < cols.min() and cols.max() < 31
+        inside += bool(whole)
+        assert not whole or (len(rows), len(cols)) == (8, 8)                  # away from the border: exactly 8 x 8
+    assert inside > 100
+    resumed = list(data.train_batches(x, torch.arange(512), cfg, 0, start=3))
+    assert all(torch.equal(a, b) for (a, _), (b, _) in zip(batches[3:], resumed)) and len(resumed) == 5

@@ -2,6 +2,7 @@ import csv
 import itertools
 import json
 import multiprocessing
+import re
 import signal
 import subprocess
 import sys
@@ -77,11 +78,19 @@ def test_list_and_index_agree(tmp_path):
     assert relisted[2].endswith("done") and relisted[1].endswith("-")
 
 
+def test_grid_says_which_config_of_how_many_with_the_grids_eta(finished):
+    lines = finished[2].splitlines()
+    assert lines[0].startswith("grid smoke_grid | 4 of 4 configs of lr x channels | cpu")
+    heads = [line for line in lines if line.startswith("== smoke_grid")]
+    assert heads[0] == "== smoke_grid [0/3] lr0.002_c8-16 | config 1 of 4"
+    assert re.fullmatch(r"== smoke_grid \[3/3\] lr0.004_c16-32 \| config 4 of 4 \| grid eta 0:00:\d\d", heads[3])
+
+
 def test_grid_writes_one_summary_row_per_config_and_a_ranked_table(finished):
     out, _, output = finished
     summary = rows(out / "smoke_grid.csv")
     assert list(summary[0]) == ["index", "run", "lr", "channels", "params", "best_val_acc", "best_epoch", "test_acc",
-                                "train_s", "status"]
+                                "train_s", "status", "reason"]
     assert [r["index"] for r in summary] == ["0", "1", "2", "3"] and {r["status"] for r in summary} == {"done"}
     for r in summary:
         assert (out / "smoke_grid" / f"{r['run']}.ckpt").is_file() and float(r["best_val_acc"]) > 0

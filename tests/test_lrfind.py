@@ -1,6 +1,7 @@
 import csv
 import dataclasses
 import json
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -73,7 +74,8 @@ def test_report_sweeps_1e6_to_1_in_100_steps_unless_flags_say_otherwise(tmp_path
     r = subprocess.run([sys.executable, str(ROOT / "run_lrfind.py"), *args, "--iters", "12"],
                        capture_output=True, text=True, cwd=tmp_path)
     assert r.returncode == 0, r.stderr
-    assert "sgd momentum 0.9 wd 0.0001 batch 128 | 12 steps 1.0e-06 .. 1.0e+00, stop at 4x the raw loss's minimum" in r.stdout
+    assert ("12 steps of batch 128, sgd momentum 0.9 wd 0.0001 lr 1.0e-06 .. 1.0e+00, stop at 4x the raw loss's minimum"
+            in r.stdout.splitlines()[0])
     result = json.loads((tmp_path / "report.lrfind.json").read_text())
     assert (result["start"], result["end"], result["diverge"], result["stop_on"], result["config"]["lrfind_iters"]) == \
         (1e-6, 1.0, 4.0, "raw", 12)
@@ -94,9 +96,12 @@ def test_command_writes_csv_and_json_and_touches_no_checkpoint(tmp_path, data_di
         path.write_bytes(content)
     experiments = config.EXPERIMENTS_FILE.read_bytes()
     r = subprocess.run([sys.executable, str(ROOT / "run_lrfind.py"), "--exp", "smoke", "--iters", "30", "--start", "1e-5",
-                        "--end", "1", "--out", str(out), "--data-dir", str(data_dir), "--set", "subset=640"],
+                        "--end", "1", "--out", str(out), "--data-dir", str(data_dir), "--set", "subset=640",
+                        "--set", "progress_s=1e-9"],
                        capture_output=True, text=True, cwd=tmp_path)
     assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith("lr sweep smoke | ResNet blocks [1,1] channels [16,32]")
+    assert r.stdout.count("eta 0:00:") == 30          # a step line after each step, with the sweep's ETA
     with open(out / "smoke.lrfind.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     assert list(rows[0]) == ["iter", "lr", "loss", "smooth_loss"] and len(rows) == 30
@@ -112,3 +117,15 @@ def test_bad_sweep_range_is_one_error_line(tmp_path):
     r = subprocess.run([sys.executable, str(ROOT / "run_lrfind.py"), "--exp", "smoke", "--start", "1", "--end", "0.1",
                         "--out", str(tmp_path)], capture_output=True, text=True)
     assert r.returncode != 0 and r.stderr.startswith("error: ") and "Traceback" not in r.stderr
+
+
+def test_ctrl_c_ends_the_sweep_with_one_line_and_status_130(tmp_path, data_dir):
+    p = subprocess.Popen([sys.executable, str(ROOT / "run_lrfind.py"), "--exp", "smoke", "--iters", "1000",
+                          "--out", str(tmp_path), "--data-dir", str(data_dir), "--set", "progress_s=1e-9"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    for line in p.stdout:
+        if line.startswith("  step 2/"):
+            p.send_signal(signal.SIGINT)
+            break
+    err = p.communicate(timeout=60)[1]
+    assert p.returncode == 130 and err == "interrupted (Ctrl-C): the sweep stopped, no file written\n"

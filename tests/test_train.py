@@ -10,6 +10,7 @@ import pytest
 
 import config
 import engine
+import files
 
 ROOT = Path(__file__).resolve().parent.parent
 TIMING = {"epoch_s", "img_per_s", "elapsed_s"}
@@ -41,8 +42,9 @@ def smoke_run(tmp_path_factory):
 def test_smoke_run_writes_csv_checkpoints_and_summary(smoke_run):
     tmp, r, summary = smoke_run
     rows = csv_rows(tmp / "out" / "smoke.csv", drop=())
-    assert list(rows[0]) == engine.CSV_COLUMNS and [int(row["epoch"]) for row in rows] == [1, 2, 3, 4]
+    assert list(rows[0]) == files.CSV_COLUMNS and [int(row["epoch"]) for row in rows] == [1, 2, 3, 4]
     assert all((tmp / "out" / f"smoke{s}").is_file() for s in (".ckpt", ".last.ckpt", ".json"))
+    assert r.stdout.startswith("smoke | ResNet blocks [1,1] channels [16,32]")     # a summary line, not a JSON dump
     assert r.stdout.splitlines()[-2].startswith("done smoke | best val")
 
 

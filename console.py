@@ -1,0 +1,116 @@
+"""What a run prints: its first line, step lines with the run's ETA, the CPU estimate, epoch and done lines.
+
+Plain lines, `|`-separated, no carriage returns: they read the same in a terminal and in a SLURM log.
+
+    python -c "import console; print(console.duration(4000))"      # 1:06:40
+"""
+import os
+import time
+from pathlib import Path
+
+import torch
+
+import config
+from resnet import ResNet
+
+LONG_RUN_S = 3600        # a CPU run longer than this gets the estimate line
+ESTIMATE_AFTER = 3       # steps timed before that estimate
+
+
+def duration(seconds):
+    """Seconds as H:MM:SS."""
+    s = max(0, round(seconds))
+    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
+
+
+def compact(values):
+    return "[" + ",".join(map(str, values)) + "]"
+
+
+def device_text(cfg, device):
+    """The device in words; for a CPU under device=auto, also why no GPU was taken."""
+    if device.type == "cuda":
+        return f"cuda ({torch.cuda.get_device_name(device)})"
+    threads = torch.get_num_threads()
+    text = f"cpu ({threads} thread{'s' * (threads != 1)})"
+    if cfg.device == "auto" and torch.version.cuda:
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+        why = f"CUDA_VISIBLE_DEVICES={visible!r}" if visible is not None else "no NVIDIA driver or GPU visible"
+        text += f": auto found no GPU although torch has CUDA {torch.version.cuda} ({why})"
+    elif cfg.device == "auto":
+        text += ": auto, and this torch is a CPU-only build"
+    return text
+
+
+def run_line(head, cfg, model, device, work, files):
+    """The first line: what runs, the model, the device, how much work, where the files go."""
+    return (f"{head} | ResNet blocks {compact(cfg.blocks)} channels {compact(cfg.channels)}, "
+            f"{model.num_params():,} params | {device_text(cfg, device)} | {work} | files {files}")
+
+
+def cpu_recipe():
+    """'--exp cpu' where experiments.json has it, else the CIFAR-100 recipe with the fewest parameter-epochs."""
+    try:
+        names = config.read_experiments()["experiments"]
+        if "cpu" in names:
+            return "--exp cpu"
+        cfgs = [config.resolve(name) for name in names]
+    except config.UserError:
+        return None
+    cost = {c.name: ResNet(c.blocks, c.channels).num_params() * c.epochs
+            for c in cfgs if c.dataset == "cifar100" and not c.subset}
+    return f"--exp {min(cost, key=cost.get)}" if cost else None
+
+
+def estimate_line(cfg, total_s, rate):
+    """The one line a CPU run longer than LONG_RUN_S gets: how long, and what to run instead."""
+    recipe = cpu_recipe()
+    instead = f"for a CPU run try {recipe}, or " if recipe and recipe != f"--exp {cfg.name}" else ""
+    return (f"estimate: {cfg.name} takes about {total_s / 3600:.1f} h on this CPU ({rate:,.0f} img/s); "
+            f"{instead}--device cuda on a GPU machine")
+
+
+def progress(cfg, device, total, done, log, elapsed0=0.0, clock=time.time):
+    """tick(step, step_in_epoch) to call after each training step (step counts from 1 over the whole run): returns the
+    run's ETA in seconds when a step line is due (every cfg.progress_s seconds, and every cfg.log_every steps), else
+    None. On a CPU, after the first steps, it logs the estimate line once if the whole run will take over an hour."""
+    start = last = clock()
+    estimated = device.type != "cpu"
+
+    def tick(step, step_in_epoch):
+        nonlocal last, estimated
+        now = clock()
+        per_step = (now - start) / max(1, step - done)
+        eta = per_step * (total - step)
+        if not estimated and step - done >= min(ESTIMATE_AFTER, total - done):
+            estimated = True
+            if elapsed0 + now - start + eta > LONG_RUN_S:
+                log(estimate_line(cfg, elapsed0 + now - start + eta, cfg.batch_size / per_step))
+        if (cfg.progress_s and now - last >= cfg.progress_s) or (cfg.log_every and step_in_epoch % cfg.log_every == 0):
+            last = now
+            return eta
+        return None
+    return tick
+
+
+def step_line(where, loss, rate, elapsed, eta):
+    return f"  {where} | loss {loss:.3f} | {rate:,.0f} img/s | elapsed {duration(elapsed)} | eta {duration(eta)}"
+
+
+def epoch_line(row, epochs, best_acc):
+    """The line of a finished epoch, from its CSV row."""
+    f = {k: float(v) for k, v in row.items() if v != ""}       # val_* are empty on an epoch not validated
+    val = f"{f['val_loss']:.3f} {100 * f['val_acc']:.1f}% (best {100 * best_acc:.1f}%)" if "val_acc" in f else "-"
+    return (f"ep {row['epoch']}/{epochs} | train {f['train_loss']:.3f} {100 * f['train_acc']:.1f}% | "
+            f"val {val} | lr {f['lr']:.1e} | {f['epoch_s']:.1f}s {f['img_per_s']:,.0f} img/s")
+
+
+def done_line(s):
+    """The run's last line, from its summary."""
+    return (f"done {s['name']} | best val {100 * s['best_val_acc']:.2f}% (epoch {s['best_epoch']}) | "
+            f"test {100 * s['test_acc']:.2f}% top5 {100 * s['test_top5']:.2f}% | params {s['params'] / 1e6:.2f}M | "
+            f"train {s['train_s']:.1f}s (compile {s.get('compile_s', 0):.1f}s apart) wall {s['wall_s']:.1f}s")
+
+
+def files_of(cfg):
+    return f"{Path(cfg.out_dir) / cfg.name}.*"
