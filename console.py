@@ -32,7 +32,7 @@ def device_text(cfg, device):
     if device.type == "cuda":
         return f"cuda ({torch.cuda.get_device_name(device)})"
     threads = torch.get_num_threads()
-    text = f"cpu ({threads} thread{'s' * (threads != 1)})"
+    text = f"cpu ({threads} thread{'s' * (threads != 1)}{', bf16' * (cfg.precision == 'bf16')})"
     if cfg.device == "auto" and torch.version.cuda:
         visible = os.environ.get("CUDA_VISIBLE_DEVICES")
         why = f"CUDA_VISIBLE_DEVICES={visible!r}" if visible is not None else "no NVIDIA driver or GPU visible"
@@ -44,7 +44,8 @@ def device_text(cfg, device):
 
 def run_line(head, cfg, model, device, work, files):
     """The first line: what runs, the model, the device, how much work, where the files go."""
-    return (f"{head} | ResNet blocks {compact(cfg.blocks)} channels {compact(cfg.channels)}, "
+    stem = f" patch stem {cfg.stem_stride}" if cfg.stem_stride > 1 else ""
+    return (f"{head} | ResNet blocks {compact(cfg.blocks)} channels {compact(cfg.channels)}{stem}, "
             f"{model.num_params():,} params | {device_text(cfg, device)} | {work} | files {files}")
 
 

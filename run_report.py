@@ -146,7 +146,7 @@ def build(out, exps, grid, compare, report_path):
         md += table(["split", "images", "per class (min-max)"],
                     [[s, stats[s], "-".join(map(str, stats[f"{s}_per_class"]))] for s in ("train", "val", "test")])
         md += [f"Training split mean {stats['mean']}, std {stats['std']} (from `{out}/{dataset}.data.json`).", ""]
-        samples = Path(stats["samples_png"])
+        samples = out / Path(stats["samples_png"]).name      # beside the JSON, also once the folder was moved
         if samples.is_file():
             md += [f"![augmented training images]({os.path.relpath(samples, fig_dir)})", "",
                    f"*Augmented training images* (from `{samples}`)", ""]

@@ -47,6 +47,11 @@ def test_first_line_names_experiment_model_device_work_and_files(data_dir, tmp_p
     assert json.loads((tmp_path / "smoke.json").read_text())["config"]["batch_size"] == 32     # the config is there
 
 
+def test_first_line_names_a_patch_stem_and_bf16_on_cpu(data_dir, tmp_path):
+    line = train_lines(tmp_path, data_dir, ("stem_stride", 2), ("precision", "bf16"))[0]
+    assert "channels [16,32] patch stem 2, " in line and re.search(r"\| cpu \(\d threads?, bf16\)", line), line
+
+
 def test_resumed_run_says_from_where_on_its_first_line(data_dir, tmp_path):
     engine.stop_requested.append("test")          # stops after the first step
     try:

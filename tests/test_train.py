@@ -96,7 +96,7 @@ def test_val_every_validates_every_nth_and_the_last_epoch_picks_the_best_among_t
     assert all(r["val_loss"] == r["val_top5"] == "" for r in rows if r["epoch"] in ("1", "3"))
     best = max((r for r in rows if r["val_acc"]), key=lambda r: float(r["val_acc"]))
     assert whole["best_epoch"] == int(best["epoch"]) and f"{whole['best_val_acc']:.5f}" == best["val_acc"]
-    assert engine.load_checkpoint(tmp_path / "a" / "out" / "smoke.ckpt")["epoch"] == whole["best_epoch"]
+    assert files.load_checkpoint(tmp_path / "a" / "out" / "smoke.ckpt")["epoch"] == whole["best_epoch"]
 
     def stop_after_epoch_3(line):
         if line.startswith("ep 3/"):
