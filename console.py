@@ -58,7 +58,7 @@ def cpu_recipe():
         cfgs = [config.resolve(name) for name in names]
     except config.UserError:
         return None
-    cost = {c.name: ResNet(c.blocks, c.channels).num_params() * c.epochs
+    cost = {c.name: ResNet(c.blocks, c.channels, stem_stride=c.stem_stride).num_params() * c.epochs
             for c in cfgs if c.dataset == "cifar100" and not c.subset}
     return f"--exp {min(cost, key=cost.get)}" if cost else None
 

@@ -300,7 +300,10 @@ def train_locked(cfg, device, paths, resume, log):
     else:       # a fresh start: the files of an earlier run of this name go at once (kept as *.old on --resume)
         earlier = files.earlier_run(cfg)
         for path in earlier:
-            path.replace(path.with_name(path.name + ".old")) if resume else path.unlink()
+            if resume:
+                path.replace(path.with_name(path.name + ".old"))
+            else:
+                path.unlink()
         kept = "; the files found there are kept as *.old" if resume and earlier else ""
         head = f"{cfg.name} from scratch (no {paths['last']} to resume from{kept})" if resume else cfg.name
     log(console.run_line(head, cfg, model, device, f"{cfg.epochs} epochs x {steps} steps of batch {cfg.batch_size}",
