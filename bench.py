@@ -29,8 +29,9 @@ from PIL import Image
 
 import config
 import data
-import engine
+import devices
 import files
+import optim
 from resnet import ResNet
 
 # key, label, bf16 autocast, channels-last, engine compile setting (None: eager)
@@ -63,13 +64,13 @@ def time_training(cfg, device, amp, channels_last, compile_setting, steps, warmu
     torch.manual_seed(0)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     model = ResNet(cfg.blocks, cfg.channels, stem_stride=cfg.stem_stride).to(device, memory_format=fmt)
-    opt = engine.make_optimizer(model, cfg)
+    opt = optim.make_optimizer(model, cfg)
     x = torch.randn(cfg.batch_size, 3, 32, 32, device=device).contiguous(memory_format=fmt)
     y = torch.randint(0, 100, (cfg.batch_size,), device=device)
     run = model
     if compile_setting:
         torch._dynamo.reset()       # each mode compiles from scratch, as a fresh process would
-        run = engine.compile_model(model, dataclasses.replace(cfg, compile=compile_setting))
+        run = devices.compile_model(model, dataclasses.replace(cfg, compile=compile_setting))
 
     def step():     # engine.train_step with precision and memory format as switches
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
@@ -188,7 +189,7 @@ def main():
     args = p.parse_args()
     try:
         cfg = config.resolve(args.exp, [("device", args.device)])
-        device = engine.setup(cfg)
+        device = devices.setup(cfg)
     except config.UserError as e:
         sys.exit(f"error: {e}")
     cuda = device.type == "cuda"
@@ -208,7 +209,7 @@ def main():
         g = torch.Generator().manual_seed(0)
         x = torch.randint(0, 256, (max(n_ours, n_report), 3, 32, 32), dtype=torch.uint8, generator=g)
         y = torch.randint(0, 100, (len(x),), generator=g)
-    v = engine.versions()
+    v = devices.versions()
     params = ResNet(cfg.blocks, cfg.channels, stem_stride=cfg.stem_stride).num_params()
     result = {"exp": args.exp, "blocks": cfg.blocks, "channels": cfg.channels, "params": params,
               "optimizer": cfg.optimizer, "batch_size": cfg.batch_size, "steps": steps, "warmup": warmup,

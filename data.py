@@ -15,8 +15,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
+import augment
 import files
 from config import UserError
 
@@ -155,36 +155,11 @@ def normalize(x):
     return x.float().mul_(scale).add_(shift)
 
 
-def crop_flip(x, g, order=None, pad=4):
-    """RandomCrop(32, padding=pad) + RandomHorizontalFlip of the images x[order] (default: all of x), one draw per
-    image: one indexed copy (which also does the shuffle) and one select."""
-    _, _, h, w = x.shape
-    order = torch.arange(len(x), device=x.device) if order is None else order
-    n = len(order)
-    dy = torch.randint(0, 2 * pad + 1, (n,), generator=g, device=x.device)
-    dx = torch.randint(0, 2 * pad + 1, (n,), generator=g, device=x.device)
-    flip = torch.rand(n, generator=g, device=x.device) < 0.5
-    windows = F.pad(x, (pad, pad, pad, pad)).unfold(2, h, 1).unfold(3, w, 1)    # (N, c, 2pad+1, 2pad+1, h, w) view
-    out = windows[order, :, dy, dx]
-    return torch.where(flip[:, None, None, None], out.flip(3), out)
-
-
-def cutout_(x, centres, size):
-    """Fill one size x size square per image with 0, the dataset mean once normalised (DeVries & Taylor 2017); the
-    centres (2, N) are uniform over the image, so a square at the border is clipped."""
-    _, _, h, w = x.shape
-    top, left = (centres - size // 2).view(2, -1, 1, 1).unbind()
-    ys = torch.arange(h, device=x.device).view(1, h, 1) - top
-    xs = torch.arange(w, device=x.device).view(1, 1, w) - left
-    inside = (ys >= 0) & (ys < size) & (xs >= 0) & (xs < size)
-    return x.masked_fill_(inside[:, None], 0.0)
-
-
 def train_batches(x, y, cfg, epoch, start=0):
     """Yield the epoch's shuffled, augmented (x, y) batches from batch `start` on; the same for the same seed and epoch."""
     g = torch.Generator(device=x.device).manual_seed(cfg.seed * 100_003 + epoch)
     perm = torch.randperm(len(x), generator=g, device=x.device)
-    images = crop_flip(x, g, perm) if cfg.augment else x[perm]
+    images = augment.crop_flip(x, g, perm) if cfg.augment else x[perm]
     if cfg.cutout:      # square centres for the whole epoch, drawn up front: a resumed epoch gets the same squares
         centres = torch.randint(0, x.shape[-1], (2, len(x)), generator=g, device=x.device)     # square images
     labels, bs, steps = y[perm], cfg.batch_size, steps_per_epoch(len(x), cfg.batch_size)
@@ -193,7 +168,7 @@ def train_batches(x, y, cfg, epoch, start=0):
         s = slice(first * bs, min(first + per, steps) * bs)
         batch = normalize(images[s])
         if cfg.cutout:
-            cutout_(batch, centres[:, s], cfg.cutout)
+            augment.cutout_(batch, centres[:, s], cfg.cutout)
         yield from zip(batch.split(bs), labels[s].split(bs))
 
 

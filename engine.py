@@ -3,25 +3,22 @@
     from config import resolve; from engine import train
     summary = train(resolve("smoke"))          # what run_train.py does
 """
-import contextlib
 import copy
 import csv
 import json
 import math
-import os
-import platform
 import signal
-import subprocess
 import time
 from dataclasses import asdict
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 import console
 import data
+import devices
 import files
+import optim
 from config import UserError
 from resnet import ResNet
 
@@ -48,107 +45,31 @@ class Preempted(Exception):
 
 
 # ----------------------------------------------------------------------------
-# system
-
-def pick_device(cfg):
-    if cfg.device == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda was asked for, but no CUDA GPU is visible")
-    return torch.device("cuda" if cfg.device != "cpu" and torch.cuda.is_available() else "cpu")
-
-
-def setup(cfg):
-    """Seed everything, pick the device, set the cuDNN/TF32 flags; returns the torch.device."""
-    device = pick_device(cfg)
-    torch.manual_seed(cfg.seed)
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = not cfg.deterministic
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    if cfg.deterministic:      # note: slower; needed for bit-identical reruns on CUDA only
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-        torch.backends.cudnn.deterministic = True
-        torch.use_deterministic_algorithms(True)
-    return device
-
-
-def use_compile(cfg, device):
-    return cfg.compile not in ("auto", "off") or (cfg.compile == "auto" and device.type == "cuda")
-
-
-def compile_model(model, cfg):
-    """torch.compile for static shapes. Dynamo keys its graphs on the code, not the model object, so every later
-    model of the same shapes in this process (the warm-up copy, the next config of a grid) reuses them."""
-    torch._dynamo.config.cache_size_limit = 64     # note: past this many shapes dynamo silently runs eager (default 8)
-    mode = cfg.compile if cfg.compile in ("reduce-overhead", "max-autotune-no-cudagraphs") else None
-    return torch.compile(model, dynamic=False, mode=mode)
-
+# compile warm-up
 
 def warm_up(model, cfg, x, y):
     """Compile one training step on a throwaway copy; returns its seconds, so that training time excludes them."""
     probe = copy.deepcopy(model)
     t0 = time.time()
-    train_step(compile_model(probe, cfg), make_optimizer(probe, cfg), x, y, cfg, lr=0.0)
+    train_step(devices.compile_model(probe, cfg), optim.make_optimizer(probe, cfg), x, y, cfg, lr=0.0)
     if x.is_cuda:
         torch.cuda.synchronize()
     return time.time() - t0
 
 
-def autocast(device, precision="auto"):
-    """bf16 autocast (no GradScaler needed) on CUDA, or anywhere with precision "bf16"; else plain fp32."""
-    bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
-    return torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
-
-
-def to_model_format(x):
-    return x.contiguous(memory_format=torch.channels_last)
-
-
-def versions():
-    """torch/CUDA versions, GPU name and git revision, stored with every run."""
-    try:
-        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                             cwd=Path(__file__).parent, timeout=5).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        rev = ""
-    return {"torch": str(torch.__version__), "cuda": torch.version.cuda, "python": platform.python_version(),
-            "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None, "git": rev or None}
-
-
 # ----------------------------------------------------------------------------
-# model, optimizer, schedule
+# model and training step (optim.py: optimizer and schedule)
 
 def build_model(cfg, num_classes=100, device="cpu"):
     return ResNet(cfg.blocks, cfg.channels, num_classes, cfg.stem_stride).to(device, memory_format=torch.channels_last)
-
-
-def make_optimizer(model, cfg):
-    fused = {"fused": True} if next(model.parameters()).is_cuda else {}
-    if cfg.optimizer == "sgd":
-        return torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
-                               nesterov=cfg.nesterov and cfg.momentum > 0, **fused)
-    adam = torch.optim.AdamW if cfg.optimizer == "adamw" else torch.optim.Adam
-    return adam(model.parameters(), lr=cfg.lr, betas=(cfg.momentum, 0.999), weight_decay=cfg.weight_decay, **fused)
-
-
-def lr_at(step, total_steps, cfg):
-    """The LR of a global step: linear warmup, then constant, cosine or linear (one-cycle) decay to final_lr."""
-    warmup = int(cfg.warmup * total_steps)
-    if step < warmup:
-        return cfg.lr * (step + 1) / warmup
-    if cfg.schedule == "constant":
-        return cfg.lr
-    t = (step - warmup) / max(1, total_steps - warmup)
-    end = cfg.final_lr * cfg.lr
-    if cfg.schedule == "cosine":
-        return end + (cfg.lr - end) * 0.5 * (1 + math.cos(math.pi * t))
-    return cfg.lr + (end - cfg.lr) * t
 
 
 def train_step(model, opt, x, y, cfg, lr):
     """One forward/backward/update; returns (loss, correct) as device tensors, no host sync."""
     for group in opt.param_groups:
         group["lr"] = lr
-    with autocast(x.device, cfg.precision):
-        logits = model(to_model_format(x))
+    with devices.autocast(x.device, cfg.precision):
+        logits = model(devices.to_model_format(x))
     loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing)
     opt.zero_grad(set_to_none=True)
     loss.backward()
@@ -177,8 +98,8 @@ def predict(model, x, tta=False, precision="auto", batch_size=1000):
     model.eval()
     out = []
     for xb, _ in data.eval_batches(x, x, batch_size):
-        xb = to_model_format(xb)
-        with autocast(xb.device, precision):
+        xb = devices.to_model_format(xb)
+        with devices.autocast(xb.device, precision):
             logits = model(xb).float()
             if tta:
                 logits = (logits + model(xb.flip(3)).float()) / 2
@@ -241,7 +162,7 @@ def install_stop_handlers():
 
 def train(cfg, resume=False, log=print):
     """Train cfg to the end (or to a stop signal); returns the summary dict also written to <name>.json."""
-    device = setup(cfg)
+    device = devices.setup(cfg)
     paths = files.run_paths(cfg)
     try:
         paths["csv"].parent.mkdir(parents=True, exist_ok=True)
@@ -279,7 +200,7 @@ def train_locked(cfg, device, paths, resume, log):
     d = data.load(cfg, device)
     train_x, train_y = d["train"]
     model = build_model(cfg, len(d["classes"]), device)
-    opt = make_optimizer(model, cfg)
+    opt = optim.make_optimizer(model, cfg)
     ema = copy.deepcopy(model) if cfg.ema else None     # weights and BN statistics, updated by update_ema
     eval_model = ema if ema is not None else model
     steps = data.steps_per_epoch(len(train_x), cfg.batch_size)
@@ -313,20 +234,20 @@ def train_locked(cfg, device, paths, resume, log):
         first_batch_loss = check_first_batch(model, *first_batch, cfg.precision, log)
     t_run = time.time()
     compiled, compile_s = model, 0.0
-    if use_compile(cfg, device):
-        compiled = compile_model(model, cfg)
+    if devices.use_compile(cfg, device):
+        compiled = devices.compile_model(model, cfg)
         compile_s = warm_up(model, cfg, *first_batch)
         log(f"compiled in {compile_s:.1f}s (kept apart from training time)")
     files.write_json({"name": cfg.name, "status": "started", "params": model.num_params(),
                       "first_batch_loss": first_batch_loss, "device": str(device), "config": asdict(cfg),
-                      "versions": versions()}, paths["summary"])
+                      "versions": devices.versions()}, paths["summary"])
     csv_file = files.open_csv(paths["csv"], epoch)
     writer = csv.DictWriter(csv_file, files.CSV_COLUMNS)
     tick = console.progress(cfg, device, total_steps, epoch * steps + first_step, log, elapsed0)
 
     def checkpoint(kind, **extra):
         common = {"format_version": files.FORMAT_VERSION, "config": asdict(cfg), "classes": d["classes"],
-                  "versions": versions(), "first_batch_loss": first_batch_loss}
+                  "versions": devices.versions(), "first_batch_loss": first_batch_loss}
         if kind == "best":
             files.save_checkpoint({**common, "model": eval_model.state_dict(), **extra}, paths["best"])
         else:
@@ -340,9 +261,9 @@ def train_locked(cfg, device, paths, resume, log):
             t0 = time.time()
             if device.type == "cuda":
                 torch.cuda.synchronize()
-            lr = lr_at(max(0, epoch * steps + first_step - 1), total_steps, cfg)   # stopped after an epoch's last step
+            lr = optim.lr_at(max(0, epoch * steps + first_step - 1), total_steps, cfg)   # stopped after an epoch's last step
             for i, (x, y) in enumerate(data.train_batches(train_x, train_y, cfg, epoch, first_step), first_step):
-                lr = lr_at(epoch * steps + i, total_steps, cfg)
+                lr = optim.lr_at(epoch * steps + i, total_steps, cfg)
                 loss, correct = train_step(compiled, opt, x, y, cfg, lr)
                 sums[0] += loss * len(y)
                 sums[1] += correct
@@ -387,8 +308,8 @@ def train_locked(cfg, device, paths, resume, log):
 def check_first_batch(model, xb, yb, precision, log):
     """Loss of the first training batch before any update, on a copy (about ln(classes) when all is well)."""
     probe = copy.deepcopy(model)
-    with torch.no_grad(), autocast(xb.device, precision):
-        loss = F.cross_entropy(probe(to_model_format(xb)).float(), yb).item()
+    with torch.no_grad(), devices.autocast(xb.device, precision):
+        loss = F.cross_entropy(probe(devices.to_model_format(xb)).float(), yb).item()
     n_classes = model.fc.out_features
     log(f"first-batch loss {loss:.3f} (expected about ln {n_classes} = {math.log(n_classes):.3f})")
     return loss
@@ -415,6 +336,6 @@ def finish(cfg, d, paths, device, first_batch_loss, wall_s, log, compile_s=0.0):
                "train_s": round(train_s, 3), "compile_s": round(compile_s, 3), "wall_s": round(wall_s, 3),
                "device": str(device),
                "files": [str(paths[k]) for k in ("csv", "best", "last", "summary")],
-               "config": asdict(cfg), "versions": versions()}
+               "config": asdict(cfg), "versions": devices.versions()}
     files.write_json(summary, paths["summary"])
     return summary

@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 import data
+import devices
 import engine
 import files
 from config import UserError
@@ -26,7 +27,7 @@ def evaluate_checkpoint(path, split="test", tta=None, data_dir=None, device="aut
     if data_dir is not None:
         cfg.data_dir = data_dir
     tta = cfg.tta if tta is None else tta
-    device = engine.setup(cfg)
+    device = devices.setup(cfg)
     last = "optimizer" in ckpt          # a .last.ckpt: the weights of its save, not those of the best epoch
     averaged = "EMA" if cfg.ema else "raw"
     if last:

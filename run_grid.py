@@ -24,6 +24,7 @@ from pathlib import Path
 
 import config
 import console
+import devices
 import engine
 import files
 import run_train
@@ -136,7 +137,7 @@ def main():
         first = runs[indices[0]][2]
         epochs = "epochs varied" if "epochs" in axes else f"{first.epochs} epochs each"
         print(f"grid {args.grid} | {len(indices)} of {len(runs)} configs of {' x '.join(axes) or 'one'} | "
-              f"{console.device_text(first, engine.pick_device(first))} | {epochs} | "
+              f"{console.device_text(first, devices.pick_device(first))} | {epochs} | "
               f"files {first.out_dir}/, {summary}", flush=True)
         engine.install_stop_handlers()
         done = {r["run"] for r in read_summary(summary).values() if r["status"] == "done"}

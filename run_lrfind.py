@@ -22,7 +22,9 @@ import numpy as np
 import config
 import console
 import data
+import devices
 import engine
+import optim
 import files
 import run_train
 
@@ -32,8 +34,8 @@ def lr_sweep(model, cfg, x, y, beta=0.9, log=lambda line: None):
     cfg.lrfind_end; returns (rows, why it stopped early). Step lines with the sweep's ETA go to log every
     cfg.progress_s seconds."""
     model = copy.deepcopy(model)        # the caller's model keeps its weights
-    opt = engine.make_optimizer(model, cfg)
-    step_model = engine.compile_model(model, cfg) if engine.use_compile(cfg, x.device) else model
+    opt = optim.make_optimizer(model, cfg)
+    step_model = devices.compile_model(model, cfg) if devices.use_compile(cfg, x.device) else model
     batches = (b for epoch in itertools.count() for b in data.train_batches(x, y, cfg, epoch))
     start, end, iters = cfg.lrfind_start, cfg.lrfind_end, cfg.lrfind_iters
     rows, avg, lowest, stop = [], 0.0, math.inf, ""
@@ -96,7 +98,7 @@ def main():
         if not 0 <= args.smooth < 1:
             raise config.UserError(f"need 0 <= --smooth < 1, got {args.smooth}")
         cfg = config.resolve(args.exp, run_train.overrides(args) + [(k, v) for k, v in flags if v is not None])
-        device = engine.setup(cfg)
+        device = devices.setup(cfg)
         d = data.load(cfg, device)
         model = engine.build_model(cfg, len(d["classes"]), device)
         out = Path(cfg.out_dir)
@@ -119,7 +121,7 @@ def main():
     result = {"exp": args.exp, **suggest(rows), "stopped_early": bool(stop), "stop_reason": stop, "iters": len(rows),
               "start": cfg.lrfind_start, "end": cfg.lrfind_end, "smooth": args.smooth, "diverge": cfg.lrfind_diverge,
               "stop_on": cfg.lrfind_stop,
-              "device": str(device), "config": asdict(cfg), "versions": engine.versions()}
+              "device": str(device), "config": asdict(cfg), "versions": devices.versions()}
     paths = [out / f"{cfg.name}.lrfind.csv", out / f"{cfg.name}.lrfind.json"]
     files.write_csv(paths[0], ["iter", "lr", "loss", "smooth_loss"],
                     ({"iter": r["iter"], "lr": f"{r['lr']:.6g}", "loss": f"{r['loss']:.5f}",

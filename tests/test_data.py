@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 import torch
 
+import augment
 import data
 from config import Config, UserError
 
@@ -73,7 +74,7 @@ def is_crop_or_flipped_crop(img, source):
 
 def test_crop_flip_takes_a_window_of_the_zero_padded_image():
     x = torch.randint(0, 256, (64, 3, 32, 32), dtype=torch.uint8)
-    out = data.crop_flip(x, torch.Generator().manual_seed(0))
+    out = augment.crop_flip(x, torch.Generator().manual_seed(0))
     assert out.shape == x.shape and out.dtype == torch.uint8
     assert all(is_crop_or_flipped_crop(out[i], x[i]) for i in range(len(x)))
     assert not torch.equal(out, x)

@@ -11,6 +11,7 @@ import torch
 
 import config
 import data
+import devices
 import engine
 import run_lrfind
 
@@ -31,7 +32,7 @@ def smoke(data_dir, *pairs):
     """A small smoke config, a fresh model of it and its training split."""
     cfg = config.resolve("smoke", [("data_dir", str(data_dir)), ("subset", 640), ("channels", [8, 16]), *pairs])
     d = data.load(cfg)
-    engine.setup(cfg)
+    devices.setup(cfg)
     return cfg, engine.build_model(cfg, len(d["classes"])), d["train"]
 
 

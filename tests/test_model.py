@@ -25,10 +25,10 @@ def test_patch_stem_divides_every_stage_side_by_the_stem_stride():
 
 
 def test_bf16_precision_runs_the_convolutions_in_bf16_on_cpu_and_auto_stays_fp32():
-    import engine
+    import devices
     conv, x = torch.nn.Conv2d(3, 4, 3), torch.randn(1, 3, 8, 8)
-    with engine.autocast(torch.device("cpu"), "bf16"):
+    with devices.autocast(torch.device("cpu"), "bf16"):
         assert conv(x).dtype == torch.bfloat16
     for precision in ("auto", "fp32"):
-        with engine.autocast(torch.device("cpu"), precision):
+        with devices.autocast(torch.device("cpu"), precision):
             assert conv(x).dtype == torch.float32

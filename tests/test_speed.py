@@ -9,6 +9,7 @@ import torch
 from torch._dynamo.utils import counters
 
 import config
+import devices
 import engine
 from resnet import ResNet
 
@@ -46,8 +47,8 @@ def test_runs_of_the_same_shapes_compile_once_per_process(tmp_path, eager_compil
 def test_compile_modes_are_config_choices_and_off_means_eager():
     cpu = torch.device("cpu")
     for mode in ("on", "reduce-overhead", "max-autotune-no-cudagraphs"):
-        assert engine.use_compile(config.resolve("report", [("compile", mode)]), cpu)
-    assert not engine.use_compile(config.resolve("report", [("compile", "off")]), torch.device("cuda"))
+        assert devices.use_compile(config.resolve("report", [("compile", mode)]), cpu)
+    assert not devices.use_compile(config.resolve("report", [("compile", "off")]), torch.device("cuda"))
     with pytest.raises(config.UserError, match="'compile' must be one of"):
         config.resolve("report", [("compile", "fast")])
 

@@ -9,7 +9,9 @@ from pathlib import Path
 import pytest
 
 import config
+import devices
 import engine
+import optim
 import files
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -115,11 +117,11 @@ def test_val_every_validates_every_nth_and_the_last_epoch_picks_the_best_among_t
 
 def test_lr_schedules_warm_up_and_decay_per_step():
     cfg = config.Config(lr=1.0, schedule="onecycle", warmup=0.1, final_lr=0.0)
-    assert engine.lr_at(0, 100, cfg) == pytest.approx(0.1) and engine.lr_at(9, 100, cfg) == pytest.approx(1.0)
-    assert engine.lr_at(55, 100, cfg) == pytest.approx(0.5) and engine.lr_at(99, 100, cfg) < 0.02
+    assert optim.lr_at(0, 100, cfg) == pytest.approx(0.1) and optim.lr_at(9, 100, cfg) == pytest.approx(1.0)
+    assert optim.lr_at(55, 100, cfg) == pytest.approx(0.5) and optim.lr_at(99, 100, cfg) < 0.02
     cos = config.Config(lr=1.0, schedule="cosine")
-    assert engine.lr_at(0, 100, cos) == 1.0 and engine.lr_at(50, 100, cos) == pytest.approx(0.5)
-    assert engine.lr_at(77, 100, config.Config(lr=0.002)) == 0.002
+    assert optim.lr_at(0, 100, cos) == 1.0 and optim.lr_at(50, 100, cos) == pytest.approx(0.5)
+    assert optim.lr_at(77, 100, config.Config(lr=0.002)) == 0.002
 
 
 def test_report_overfit64_and_report_repo_hold_the_report_repositorys_settings():
@@ -137,8 +139,8 @@ def test_report_overfit64_and_report_repo_hold_the_report_repositorys_settings()
 def test_config_precedence_and_compile_default():
     cfg = config.resolve("report", [("lr", 0.01)])
     assert (cfg.lr, cfg.optimizer, cfg.batch_size, cfg.epochs, cfg.name) == (0.01, "sgd", 128, 20, "report")
-    assert not engine.use_compile(cfg, engine.torch.device("cpu"))
-    assert engine.use_compile(config.resolve("report", [("compile", "on")]), engine.torch.device("cpu"))
+    assert not devices.use_compile(cfg, engine.torch.device("cpu"))
+    assert devices.use_compile(config.resolve("report", [("compile", "on")]), engine.torch.device("cpu"))
 
 
 @pytest.mark.parametrize("args, message", [
