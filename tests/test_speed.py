@@ -82,6 +82,18 @@ def test_bench_prints_a_table_and_writes_pipeline_speedup_and_mode_throughputs(t
     assert result["throughput"]["bf16"] > 0 and modes["bf16"]["precision"] == "bf16"     # bf16 autocast on CPU too
     assert modes["cudagraphs"]["status"].startswith("n/a")
     assert "pipeline_speedup" in r.stdout and "eager fp32" in r.stdout and "1.00x" in r.stdout
+    roof = result["roofline"]
+    assert roof["matmul_tflops"]["fp32"] > 0 and roof["matmul_tflops"]["bf16"] > 0
+    assert roof["achieved_tflops"]["fp32"] == pytest.approx(roof["gflop_per_train_image"] * 1e9 * result["throughput"]["fp32"] / 1e12, rel=0.01)
+    assert "roofline | matmul" in r.stdout
+
+
+def test_training_flops_per_image_counts_forward_and_backward_of_every_conv_and_the_classifier():
+    import bench
+    stem, conv, fc = 2 * 3 * 8 * 9 * 32 * 32, 2 * 8 * 8 * 9 * 32 * 32, 2 * 8 * 100
+    forward = stem + 2 * conv + fc
+    # backward: a weight gradient for every layer, an input gradient for all but the stem (its input needs none)
+    assert bench.training_flops_per_image(config.Config(blocks=[1], channels=[8])) == 3 * forward - stem
 
 
 def test_gpu_check_script_is_valid_bash():
