@@ -4,6 +4,7 @@
     python bench.py --exp c70 --batch-size 1024 --json  # another recipe's model; also writes out/bench.json
     python bench.py --device cpu                        # short CPU run (1-3 minutes on 2 cores)
     python bench.py --modes fp32,compile                # only these modes (compile is skipped on CPU unless named)
+    python bench.py --exp cpu --device cpu --profile    # also out/profile_cpu.txt: torch.profiler table of one step
 
 Training: images/s of forward + backward + optimizer step (the recipe's optimizer) on one fixed batch, after
 warm-up, timed between device synchronisations, for eager fp32; bf16 autocast; + channels-last; + torch.compile;
@@ -61,8 +62,9 @@ def skip_reason(key, compile_setting, device, asked):
     return ""
 
 
-def time_training(cfg, device, amp, channels_last, compile_setting, steps, warmup):
-    """(images/s, compile seconds or None) of training steps of cfg's model on one fixed random batch."""
+def make_step(cfg, device, amp, channels_last, compile_setting=None):
+    """A training step of cfg's model on one fixed random batch: engine.train_step with precision and memory format
+    as switches."""
     torch.manual_seed(0)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     model = ResNet(cfg.blocks, cfg.channels, stem_stride=cfg.stem_stride).to(device, memory_format=fmt)
@@ -74,14 +76,19 @@ def time_training(cfg, device, amp, channels_last, compile_setting, steps, warmu
         torch._dynamo.reset()       # each mode compiles from scratch, as a fresh process would
         run = devices.compile_model(model, dataclasses.replace(cfg, compile=compile_setting))
 
-    def step():     # engine.train_step with precision and memory format as switches
+    def step():
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
             logits = run(x)
         loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+    return step
 
+
+def time_training(cfg, device, amp, channels_last, compile_setting, steps, warmup):
+    """(images/s, compile seconds or None) of training steps of cfg's model on one fixed random batch."""
+    step = make_step(cfg, device, amp, channels_last, compile_setting)
     t0 = time.perf_counter()
     step()
     sync(device)
@@ -95,6 +102,22 @@ def time_training(cfg, device, amp, channels_last, compile_setting, steps, warmu
     sync(device)
     step_s = (time.perf_counter() - t0) / steps
     return cfg.batch_size / step_s, max(0.0, first_s - step_s) if compile_setting else None
+
+
+def profile_step(cfg, device, amp, x, y, rows=25):
+    """torch.profiler's table (self time per op) of one epoch's first augmented batch and one training step after a
+    warm-up step, channels-last, as the engine trains."""
+    step = make_step(cfg, device, amp, channels_last=True)
+    step()
+    activities = [torch.profiler.ProfilerActivity.CPU] + [torch.profiler.ProfilerActivity.CUDA] * (device.type == "cuda")
+    with torch.profiler.profile(activities=activities) as prof:
+        with torch.profiler.record_function("augmentation: data.train_batches, first batch"):
+            next(data.train_batches(x, y, cfg, epoch=0))
+        with torch.profiler.record_function("training step: forward, backward, optimizer"):
+            step()
+        sync(device)
+    sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    return prof.key_averages().table(sort_by=sort, row_limit=rows)
 
 
 # ----------------------------------------------------------------------------
@@ -233,6 +256,8 @@ def main():
     p.add_argument("--data-dir",
                    help="time the real training split (cifar-100-python/ in this folder) instead of random images")
     p.add_argument("--json", action="store_true", help="write the figures to <out>/bench.json (also after each mode)")
+    p.add_argument("--profile", action="store_true",
+                   help="also write <out>/profile_<exp>.txt: torch.profiler's table of one step as the engine trains")
     p.add_argument("--out", default="out")
     args = p.parse_args()
     try:
@@ -305,6 +330,15 @@ def main():
     print()
     print(table(result))
     print(roofline_line(result["roofline"]))
+    if args.profile:
+        amp = cuda or cfg.precision == "bf16"       # the engine's autocast choice on this device
+        path = Path(args.out) / f"profile_{args.exp}.txt"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with files.atomic_open(path) as f:
+            f.write(f"{args.exp} | batch {cfg.batch_size} | {result['device']} | {'bf16 autocast' if amp else 'fp32'}, channels-last "
+                    f"(the epoch's crop + flip runs at its first batch) | torch {v['torch']}\n" + profile_step(cfg, device, amp, x[:n_ours].to(device),
+                                                                         y[:n_ours].to(device)) + "\n")
+        print(f"profile | written {path}")
     print(f"\npipeline_speedup {result['pipeline_speedup']:.1f}x (ours over the report's DataLoader, images/s)"
           + (f" | written {out}" if args.json else ""))
 

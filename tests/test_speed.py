@@ -69,10 +69,10 @@ def test_ema_update_averages_weights_and_bn_statistics():
         assert torch.allclose(v, expected, atol=1e-6), k
 
 
-def test_bench_prints_a_table_and_writes_pipeline_speedup_and_mode_throughputs(tmp_path):
+def test_bench_prints_a_table_and_writes_pipeline_speedup_mode_throughputs_roofline_and_profile(tmp_path):
     r = subprocess.run([sys.executable, str(ROOT / "bench.py"), "--exp", "smoke", "--device", "cpu",
                         "--batch-size", "16", "--steps", "1", "--warmup", "1", "--images", "512",
-                        "--report-images", "256", "--workers", "0", "--json", "--out", str(tmp_path)],
+                        "--report-images", "256", "--workers", "0", "--json", "--profile", "--out", str(tmp_path)],
                        capture_output=True, text=True, cwd=ROOT)
     assert r.returncode == 0, r.stderr
     result = json.loads((tmp_path / "bench.json").read_text())
@@ -86,6 +86,8 @@ def test_bench_prints_a_table_and_writes_pipeline_speedup_and_mode_throughputs(t
     assert roof["matmul_tflops"]["fp32"] > 0 and roof["matmul_tflops"]["bf16"] > 0
     assert roof["achieved_tflops"]["fp32"] == pytest.approx(roof["gflop_per_train_image"] * 1e9 * result["throughput"]["fp32"] / 1e12, rel=0.01)
     assert "roofline | matmul" in r.stdout
+    profile = (tmp_path / "profile_smoke.txt").read_text()
+    assert "aten::convolution_backward" in profile and "augmentation: data.train_batches" in profile
 
 
 def test_training_flops_per_image_counts_forward_and_backward_of_every_conv_and_the_classifier():
