@@ -1,7 +1,14 @@
-"""Augmentation of whole batches on the training device: random crop + flip, cutout.
+"""Augmentation of whole batches on the training device: random crop + flip, cutout, the automatic policies
+(TrivialAugmentWide, RandAugment, AutoAugment) and MixUp / CutMix.
 
     python -c "import augment, torch; print(augment.crop_flip(torch.zeros(8, 3, 32, 32, dtype=torch.uint8), torch.Generator()).shape)"
+
+Every random draw comes from the epoch's generator g (data.train_batches), drawn up front for the whole epoch, so
+a resumed epoch gets the same batches. torchvision's policies and MixUp / CutMix draw from torch's global CPU
+generator instead: they run here under a seed drawn from g (`seeded`), which leaves the global state as it was.
 """
+import functools
+
 import torch
 import torch.nn.functional as F
 
@@ -29,3 +36,61 @@ def cutout_(x, centres, size):
     xs = torch.arange(w, device=x.device).view(1, 1, w) - left
     inside = (ys >= 0) & (ys < size) & (xs >= 0) & (xs < size)
     return x.masked_fill_(inside[:, None], 0.0)
+
+
+# ----------------------------------------------------------------------------
+# torchvision's random transforms, seeded from the epoch's generator
+
+def seeds(n, g):
+    """n seeds drawn from g (on its own device), as Python ints: one host sync for all of them."""
+    return torch.randint(0, 2**62, (n,), generator=g, device=g.device).tolist()
+
+
+def seeded(seed, transform, *args):
+    """transform(*args) with torch's CPU generator, which torchvision draws from, seeded; its state is restored."""
+    with torch.random.fork_rng(devices=[]):
+        torch.default_generator.manual_seed(seed)
+        return transform(*args)
+
+
+@functools.cache
+def policy(name):
+    """The torchvision.transforms.v2 policy of an auto_augment name."""
+    from torchvision.transforms import v2
+    return {"ta_wide": v2.TrivialAugmentWide, "ra": v2.RandAugment,
+            "aa_cifar10": lambda: v2.AutoAugment(v2.AutoAugmentPolicy.CIFAR10)}[name]()
+
+
+def auto_augment(images, name, group_seeds, group, first=0):
+    """The policy on uint8 images (n, 3, H, W), images first.. of the epoch: torchvision draws one operation per call,
+    so each run of `group` images of the epoch shares one draw, seeded by group_seeds[its index]; a group split
+    between two calls gets the same draw in both."""
+    transform, out = policy(name), torch.empty_like(images)
+    for k in range(first // group, -(-(first + len(images)) // group)):
+        lo, hi = max(k * group, first) - first, min((k + 1) * group, first + len(images)) - first
+        out[lo:hi] = seeded(group_seeds[k], transform, images[lo:hi])
+    return out
+
+
+@functools.cache
+def mixer(kind, alpha, num_classes):
+    from torchvision.transforms import v2
+    return (v2.CutMix if kind == "cutmix" else v2.MixUp)(alpha=alpha, num_classes=num_classes)
+
+
+def mix_plan(cfg, steps, g):
+    """Per batch of the epoch, drawn up front from g: (None, "mixup" or "cutmix"; the seed of its draws). A batch is
+    mixed with probability mix_prob; with both on, it is CutMix with probability mix_switch (timm's choice)."""
+    mixed = (torch.rand(steps, generator=g, device=g.device) < cfg.mix_prob).tolist()
+    cut = (torch.rand(steps, generator=g, device=g.device) < cfg.mix_switch).tolist()
+    kinds = [None if not m else "cutmix" if cfg.cutmix and (c or not cfg.mixup) else "mixup" for m, c in zip(mixed, cut)]
+    return list(zip(kinds, seeds(steps, g)))
+
+
+def mix(x, y, kind, seed, cfg, num_classes):
+    """(images, soft targets (B, num_classes) summing to one): torchvision's MixUp or CutMix of the batch with itself
+    rolled by one (lambda from Beta(alpha, alpha); CutMix weighs the labels by the box's area), or the one-hot
+    targets of a batch left unmixed."""
+    if kind is None:
+        return x, F.one_hot(y, num_classes).float()
+    return seeded(seed, mixer(kind, cfg.cutmix if kind == "cutmix" else cfg.mixup, num_classes), x, y)

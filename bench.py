@@ -17,6 +17,10 @@ FLOP/s (the model's training FLOPs per image, counted by torch.utils.flop_counte
 Input pipeline: our batched crop + flip + normalise on the device (data.train_batches) against the report's
 torchvision transforms per PIL image through a DataLoader (then copied to the device), in images/s: the best of
 5 epochs against the best of 5 passes (other processes on a small machine make single passes noisy).
+Augmentation cost: images/s of data.train_batches with each option on top of crop + flip (cutout, MixUp, CutMix,
+TrivialAugmentWide, RandAugment, AutoAugment's CIFAR-10 policy), the policies at the default auto_augment_group and
+TrivialAugmentWide at each of --policy-groups (torchvision draws one operation per call: smaller groups give more
+variety and cost more calls); the best of 2 epochs after one of warm-up.
 Random uint8 images by default, so no dataset is needed; --data-dir uses the real training split instead.
 """
 import argparse
@@ -37,6 +41,11 @@ import files
 import optim
 from resnet import ResNet
 
+# key, label, the config keys that switch the augmentation on (crop + flip always on)
+AUGMENTATIONS = [("crop_flip", "crop + flip", {}), ("cutout", "+ cutout 8", {"cutout": 8}),
+                 ("mixup", "+ mixup 0.8", {"mixup": 0.8}), ("cutmix", "+ cutmix 1.0", {"cutmix": 1.0}),
+                 ("ta_wide", "+ ta_wide", {"auto_augment": "ta_wide"}), ("ra", "+ ra", {"auto_augment": "ra"}),
+                 ("aa_cifar10", "+ aa_cifar10", {"auto_augment": "aa_cifar10"})]
 # key, label, bf16 autocast, channels-last, engine compile setting (None: eager)
 MODES = [("fp32", "eager fp32", False, False, None),
          ("bf16", "bf16 autocast", True, False, None),
@@ -123,9 +132,10 @@ def profile_step(cfg, device, amp, x, y, rows=25):
 # ----------------------------------------------------------------------------
 # input pipelines
 
-def time_ours(x, y, batch_size, epochs):
-    """Best images/s over `epochs` timed epochs of data.train_batches (shuffle, crop, flip, normalise on x's device)."""
-    cfg = config.Config(batch_size=batch_size)
+def time_ours(x, y, batch_size, epochs, **settings):
+    """Best images/s over `epochs` timed epochs of data.train_batches (shuffle, crop, flip, normalise on x's device, and
+    the augmentations that the config settings switch on)."""
+    cfg = config.Config(batch_size=batch_size, **settings)
     rates = []
     for epoch in range(epochs + 1):         # epoch 0 warms up
         sync(x.device)
@@ -169,6 +179,23 @@ def time_report(x, y, batch_size, workers, device, repeats):
         sync(device)
         rates.append(n / (time.perf_counter() - t0))
     return max(rates)
+
+
+def time_augmentations(x, y, batch_size, keys, groups):
+    """Rows {key, label, group, img_per_s, ratio} of data.train_batches with each augmentation of keys, the ratio to
+    crop + flip alone (best of 2 epochs); the policies at the default group, ta_wide at each of groups as well."""
+    default, rows, base = config.Config().auto_augment_group, [], None
+    for key, label, settings in AUGMENTATIONS:
+        if key not in keys:
+            continue
+        sizes = [None] if "auto_augment" not in settings else sorted({default, *groups}) if key == "ta_wide" else [default]
+        for group in sizes:
+            rate = time_ours(x, y, batch_size, epochs=2, **settings, **({"auto_augment_group": group} if group else {}))
+            base = rate if key == "crop_flip" else base
+            rows.append({"key": key, "label": label + (f", groups of {group}" if group else ""), "group": group,
+                         "img_per_s": round(rate), "ratio": round(rate / base, 3) if base else None})
+            print(f"augmentation | {rows[-1]['label']} | {rate:,.0f} img/s", flush=True)
+    return rows
 
 
 # ----------------------------------------------------------------------------
@@ -236,6 +263,12 @@ def table(result):
                   f"{p['ours_img_per_s']:,.0f} | {result['pipeline_speedup']:.1f}x |",
                   f"| report: torchvision transforms per PIL image, DataLoader with {p['workers']} workers | "
                   f"{p['report_img_per_s']:,.0f} | 1.0x |"]
+    if result["augmentation"]:
+        lines += ["", f"| augmentation (data.train_batches on {result['device']}, batch {result['batch_size']}) | img/s "
+                  f"| vs crop + flip |", "| --- | --: | --: |"]
+        for a in result["augmentation"]:
+            ratio = f"{a['ratio']:.2f}x" if a["ratio"] else "-"
+            lines.append(f"| {a['label']} | {a['img_per_s']:,} | {ratio} |")
     return "\n".join(lines)
 
 
@@ -253,6 +286,12 @@ def main():
     p.add_argument("--report-images", type=int, help="images per pass of the report's pipeline, best of 5 passes "
                    "(default 20000 / 4000)")
     p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="report DataLoader workers")
+    p.add_argument("--augmentations", default=",".join(a[0] for a in AUGMENTATIONS),
+                   help="comma list of the augmentations to time (default: all; '' times none)")
+    p.add_argument("--policy-groups", default="4,16,64",
+                   help="auto_augment_group sizes to time ta_wide at, besides the default 16 (default 4,16,64; 1 is "
+                        "one torchvision call per image: slow)")
+    p.add_argument("--aug-images", type=int, help="images per epoch of the augmentation timings (default 10000 / 2000)")
     p.add_argument("--data-dir",
                    help="time the real training split (cifar-100-python/ in this folder) instead of random images")
     p.add_argument("--json", action="store_true", help="write the figures to <out>/bench.json (also after each mode)")
@@ -273,6 +312,13 @@ def main():
         sys.exit(f"error: unknown mode(s) {', '.join(sorted(asked - {m[0] for m in MODES}))}; known: "
                  f"{', '.join(m[0] for m in MODES)}")
     n_ours, n_report = args.images or (45_000 if cuda else 10_000), args.report_images or (20_000 if cuda else 4_000)
+    n_aug, augmentations = args.aug_images or (10_000 if cuda else 2_000), set(filter(None, args.augmentations.split(",")))
+    if augmentations - {a[0] for a in AUGMENTATIONS}:
+        sys.exit(f"error: unknown augmentation(s) {', '.join(sorted(augmentations - {a[0] for a in AUGMENTATIONS}))}; "
+                 f"known: {', '.join(a[0] for a in AUGMENTATIONS)}")
+    groups = [int(g) for g in args.policy_groups.split(",") if g.isdigit() and int(g) > 0]
+    if len(groups) != len([g for g in args.policy_groups.split(",") if g]):
+        sys.exit(f"error: --policy-groups expects a comma list of positive integers, got '{args.policy_groups}'")
     if args.data_dir:
         try:
             x, y = data.load(dataclasses.replace(cfg, data_dir=args.data_dir, download=False))["train"]
@@ -280,14 +326,15 @@ def main():
             sys.exit(f"error: {e}")
     else:
         g = torch.Generator().manual_seed(0)
-        x = torch.randint(0, 256, (max(n_ours, n_report), 3, 32, 32), dtype=torch.uint8, generator=g)
+        x = torch.randint(0, 256, (max(n_ours, n_report, n_aug), 3, 32, 32), dtype=torch.uint8, generator=g)
         y = torch.randint(0, 100, (len(x),), generator=g)
     v = devices.versions()
     params = ResNet(cfg.blocks, cfg.channels, stem_stride=cfg.stem_stride).num_params()
     result = {"exp": args.exp, "blocks": cfg.blocks, "channels": cfg.channels, "params": params,
               "optimizer": cfg.optimizer, "batch_size": cfg.batch_size, "steps": steps, "warmup": warmup,
               "device": v["gpu"] or f"cpu, {torch.get_num_threads()} threads", "versions": v,
-              "data": args.data_dir or "random uint8", "modes": [], "throughput": {}, "pipeline": {}}
+              "data": args.data_dir or "random uint8", "modes": [], "throughput": {}, "pipeline": {},
+              "augmentation": []}
     out = Path(args.out) / "bench.json"
 
     def save():
@@ -306,6 +353,10 @@ def main():
     print(f"pipeline | ours {ours:,.0f} img/s | report {report:,.0f} img/s | "
           f"pipeline_speedup {result['pipeline_speedup']:.1f}x", flush=True)
     save()
+    if augmentations:
+        result["augmentation"] = time_augmentations(x[:n_aug].to(device), y[:n_aug].to(device), cfg.batch_size,
+                                                    augmentations, groups)
+        save()
     baseline = None
     for key, label, amp, channels_last, compile_setting in MODES:
         row = {"key": key, "label": label, "precision": "bf16" if amp else "tf32" if cuda else "fp32",

@@ -28,6 +28,12 @@ class Config:
     subset: int = 0                # training images kept (stratified); 0 = all
     augment: bool = True           # RandomCrop(32, padding=4) + horizontal flip
     cutout: int = 0                # side of the square set to the mean per training image; 0 = off
+    auto_augment: str = ""         # "" (off), "ta_wide" (TrivialAugmentWide), "ra" (RandAugment), "aa_cifar10" (AutoAugment)
+    auto_augment_group: int = 16   # images that share one draw of the policy (one torchvision call per group)
+    mixup: float = 0.0             # Beta alpha of MixUp; 0 = off
+    cutmix: float = 0.0            # Beta alpha of CutMix; 0 = off
+    mix_prob: float = 1.0          # probability that a batch is mixed, when mixup or cutmix is on
+    mix_switch: float = 0.5        # probability that a mixed batch uses CutMix rather than MixUp, when both are on
     # model
     blocks: list = field(default_factory=lambda: [3, 3, 3])
     channels: list = field(default_factory=lambda: [64, 128, 256])
@@ -42,9 +48,12 @@ class Config:
     batch_size: int = 128
     epochs: int = 20
     # schedule (stepped per iteration)
-    schedule: str = "constant"     # "constant", "cosine" or "onecycle"
+    schedule: str = "constant"     # "constant", "cosine", "onecycle" or "multistep"
     warmup: float = 0.0            # fraction of all steps spent warming up linearly from 0
     final_lr: float = 0.0          # fraction of lr reached at the end (cosine, onecycle)
+    milestones: list = field(default_factory=lambda: [0.5, 0.75])   # multistep: lr x gamma from each; fractions of
+                                   # the run if all < 1, else epochs (the first step of the epoch after it)
+    gamma: float = 0.1             # multistep: the factor at each milestone
     # evaluation
     val_every: int = 1             # validate every N epochs, and always after the last; best chosen among those
     ema: float = 0.0               # decay of an exponential moving average of weights; 0 = off
@@ -71,11 +80,12 @@ class Config:
 
 
 CHOICES = {"dataset": ("cifar100", "synthetic"), "optimizer": ("sgd", "adam", "adamw"), "lrfind_stop": ("smooth", "raw"),
-           "schedule": ("constant", "cosine", "onecycle"), "device": ("auto", "cuda", "cpu"),
-           "precision": ("auto", "bf16", "fp32"),
+           "schedule": ("constant", "cosine", "onecycle", "multistep"), "device": ("auto", "cuda", "cpu"),
+           "precision": ("auto", "bf16", "fp32"), "auto_augment": ("", "ta_wide", "ra", "aa_cifar10"),
            "compile": ("auto", "on", "off", "reduce-overhead", "max-autotune-no-cudagraphs")}
 FIELD_TYPES = {f.name: type(f.default) if f.default is not dataclasses.MISSING else list
                for f in dataclasses.fields(Config)}
+NUMBER_LISTS = {"milestones"}      # list keys whose items may be floats; the other list keys hold integers
 
 
 def suggest(key, known):
@@ -91,22 +101,26 @@ def check_value(key, value):
     if want is float and isinstance(value, int) and not isinstance(value, bool):
         value = float(value)
     if want is list:
-        ok = isinstance(value, list) and value and all(isinstance(v, int) and not isinstance(v, bool) for v in value)
+        item, what = ((int, float), "numbers") if key in NUMBER_LISTS else (int, "integers")
+        ok = isinstance(value, list) and value and all(isinstance(v, item) and not isinstance(v, bool) and
+                                                       math.isfinite(v) for v in value)
         if not ok:
-            raise UserError(f"config key '{key}' must be a non-empty list of integers, got {value!r}")
+            raise UserError(f"config key '{key}' must be a non-empty list of {what}, got {value!r}")
     elif type(value) is not want:
         raise UserError(f"config key '{key}' must be {want.__name__}, got {type(value).__name__} {value!r}")
     if want is float and not math.isfinite(value):
         raise UserError(f"config key '{key}' must be a finite number, got {value!r}")
     if key in CHOICES and value not in CHOICES[key]:
-        raise UserError(f"config key '{key}' must be one of {', '.join(CHOICES[key])}, got {value!r}")
+        known = ", ".join(c or '""' for c in CHOICES[key])      # "" is auto_augment's off
+        raise UserError(f"config key '{key}' must be one of {known}, got {value!r}")
     return value
 
 
 def validate(cfg):
     """Reject impossible combinations and out-of-range values."""
-    positive = ["lr", "batch_size", "epochs", "stem_stride", "val_every", "lrfind_start"]
-    non_negative = ["weight_decay", "subset", "cutout", "momentum", "warmup", "final_lr", "log_every", "progress_s"]
+    positive = ["lr", "batch_size", "epochs", "stem_stride", "val_every", "lrfind_start", "auto_augment_group", "gamma"]
+    non_negative = ["weight_decay", "subset", "cutout", "momentum", "warmup", "final_lr", "log_every", "progress_s",
+                    "mixup", "cutmix"]
     for key in positive:
         if getattr(cfg, key) <= 0:
             raise UserError(f"config key '{key}' must be > 0, got {getattr(cfg, key)}")
@@ -116,6 +130,13 @@ def validate(cfg):
     for key in ["label_smoothing", "ema", "momentum", "warmup"]:
         if not 0 <= getattr(cfg, key) < 1:
             raise UserError(f"config key '{key}' must be in [0, 1), got {getattr(cfg, key)}")
+    for key in ["mix_prob", "mix_switch"]:
+        if not 0 <= getattr(cfg, key) <= 1:
+            raise UserError(f"config key '{key}' must be in [0, 1], got {getattr(cfg, key)}")
+    m = cfg.milestones
+    if not (all(0 < v < 1 for v in m) or all(isinstance(v, int) and v >= 1 for v in m)) or m != sorted(set(m)):
+        raise UserError(f"config key 'milestones' must be increasing fractions of the run (all < 1) or epochs "
+                        f"(integers >= 1), got {m}")
     if not (cfg.lrfind_start < cfg.lrfind_end and cfg.lrfind_iters >= 10 and cfg.lrfind_diverge > 1):
         raise UserError(f"LR finder: need lrfind_start < lrfind_end, lrfind_iters >= 10 and lrfind_diverge > 1, got "
                         f"{cfg.lrfind_start:g}, {cfg.lrfind_end:g}, {cfg.lrfind_iters}, {cfg.lrfind_diverge:g}")

@@ -155,21 +155,31 @@ def normalize(x):
     return x.float().mul_(scale).add_(shift)
 
 
-def train_batches(x, y, cfg, epoch, start=0):
-    """Yield the epoch's shuffled, augmented (x, y) batches from batch `start` on; the same for the same seed and epoch."""
+def train_batches(x, y, cfg, epoch, start=0, num_classes=100):
+    """Yield the epoch's shuffled, augmented (x, y) batches from batch `start` on; the same for the same seed and epoch.
+    With mixup or cutmix on, y is soft targets (B, num_classes) of float probabilities."""
     g = torch.Generator(device=x.device).manual_seed(cfg.seed * 100_003 + epoch)
     perm = torch.randperm(len(x), generator=g, device=x.device)
     images = augment.crop_flip(x, g, perm) if cfg.augment else x[perm]
     if cfg.cutout:      # square centres for the whole epoch, drawn up front: a resumed epoch gets the same squares
         centres = torch.randint(0, x.shape[-1], (2, len(x)), generator=g, device=x.device)     # square images
     labels, bs, steps = y[perm], cfg.batch_size, steps_per_epoch(len(x), cfg.batch_size)
+    # likewise drawn up front for the epoch: a policy seed per group of images, the mixing draws per batch
+    policy_seeds = augment.seeds(-(-len(x) // cfg.auto_augment_group), g) if cfg.auto_augment else None
+    plan = augment.mix_plan(cfg, steps, g) if cfg.mixup or cfg.cutmix else None
     per = max(1, 2048 // bs)    # batches normalised together: ops large enough to run well, small enough to reuse memory
     for first in range(start, steps, per):
         s = slice(first * bs, min(first + per, steps) * bs)
-        batch = normalize(images[s])
+        chunk = images[s]
+        if cfg.auto_augment:
+            chunk = augment.auto_augment(chunk, cfg.auto_augment, policy_seeds, cfg.auto_augment_group, s.start)
+        batch = normalize(chunk)
         if cfg.cutout:
             augment.cutout_(batch, centres[:, s], cfg.cutout)
-        yield from zip(batch.split(bs), labels[s].split(bs))
+        batches = zip(batch.split(bs), labels[s].split(bs))
+        if plan:
+            batches = (augment.mix(xb, yb, *plan[i], cfg, num_classes) for i, (xb, yb) in enumerate(batches, first))
+        yield from batches
 
 
 def steps_per_epoch(n, batch_size):

@@ -74,7 +74,8 @@ def train_step(model, opt, x, y, cfg, lr):
     opt.zero_grad(set_to_none=True)
     loss.backward()
     opt.step()
-    return loss.detach(), (logits.argmax(1) == y).sum()
+    hard = y.argmax(1) if y.ndim == 2 else y        # soft (mixed) targets: accuracy against the dominant label
+    return loss.detach(), (logits.argmax(1) == hard).sum()
 
 
 @torch.no_grad()

@@ -17,12 +17,16 @@ def make_optimizer(model, cfg):
 
 
 def lr_at(step, total_steps, cfg):
-    """The LR of a global step: linear warmup, then constant, cosine or linear (one-cycle) decay to final_lr."""
+    """The LR of a global step: linear warmup, then constant, cosine or linear (one-cycle) decay to final_lr, or
+    multistep: lr x gamma at each milestone passed."""
     warmup = int(cfg.warmup * total_steps)
     if step < warmup:
         return cfg.lr * (step + 1) / warmup
     if cfg.schedule == "constant":
         return cfg.lr
+    if cfg.schedule == "multistep":     # milestones: fractions of the run if all < 1, else epochs
+        unit = total_steps if max(cfg.milestones) < 1 else total_steps / cfg.epochs
+        return cfg.lr * cfg.gamma ** sum(step >= round(m * unit) for m in cfg.milestones)
     t = (step - warmup) / max(1, total_steps - warmup)
     end = cfg.final_lr * cfg.lr
     if cfg.schedule == "cosine":

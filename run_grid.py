@@ -4,13 +4,16 @@
     python run_grid.py --grid report_grid --data-dir ~/data   # the report's 24-run grid
     python run_grid.py --grid report_grid --list              # the configs with their indices
     python run_grid.py --grid report_grid --index 5           # config 5 only (one SLURM array task)
+    for i in 0 1 2 3; do CUDA_VISIBLE_DEVICES=$i python run_grid.py --grid report_grid --shard $i/4 & done; wait
+                                                              # four GPUs, no SLURM: configs i, i + 4, i + 8, ...
     python run_grid.py --grid report_grid --epochs 5          # every config for 5 epochs (use another --out)
 
 A grid in experiments.json is a base experiment plus a list of values per key; its configs are the
 product of the lists (a one-value list just sets the key). Each run writes out/<grid>/<run>.{csv,ckpt,
 last.ckpt,json}; out/<grid>.csv holds one row per config, updated as each run ends. Running the grid
 again skips finished configs and resumes an interrupted one from its last.ckpt. A config that fails for any
-reason gets a `failed` row with the reason and the grid goes on; it then exits with status 1.
+reason gets a `failed` row with the reason and the grid goes on; it then exits with status 1. Shards of one grid
+run at the same time (several GPUs, SLURM array tasks) share out/<grid>.csv: each row is written under a lock.
 """
 import argparse
 import csv
@@ -71,6 +74,14 @@ def grid_configs(grid, cli=()):
     return axes, runs
 
 
+def shard_indices(n, shard):
+    """The indices i < n of the configs of shard "I/N": those with i mod N == I."""
+    i, sep, count = shard.partition("/")
+    if not (sep and i.isdigit() and count.isdigit() and int(i) < int(count)):
+        raise config.UserError(f"--shard expects I/N with 0 <= I < N, e.g. 0/4, got '{shard}'")
+    return list(range(int(i), n, int(count)))
+
+
 # ----------------------------------------------------------------------------
 # the summary CSV, one row per config
 
@@ -119,24 +130,33 @@ def main():
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--grid", required=True, help="grid name in experiments.json (\"grids\")")
     p.add_argument("--index", type=int, help="run only config I (see --list); a SLURM array task id")
+    p.add_argument("--shard", metavar="I/N", help="run only the configs whose index is I mod N, e.g. one shard per GPU")
     p.add_argument("--list", action="store_true", help="print the configs with their indices and status, run nothing")
     args = p.parse_args()
     try:
         axes, runs = grid_configs(args.grid, run_train.overrides(args))
         summary = Path(runs[0][2].out_dir + ".csv")
         columns = ["index", "run", *axes, *RESULTS]
+        if args.index is not None and args.shard:
+            raise config.UserError("--index and --shard each choose the configs to run: give one of them")
+        if args.index is not None and not 0 <= args.index < len(runs):
+            raise config.UserError(f"grid '{args.grid}' has configs 0-{len(runs) - 1}, got --index {args.index}")
+        indices = [args.index] if args.index is not None else \
+            shard_indices(len(runs), args.shard) if args.shard else list(range(len(runs)))
         if args.list:
             done = read_summary(summary)
-            for i, (name, varied, _) in enumerate(runs):
+            for i in indices:
+                name, varied, _ = runs[i]
                 values = " ".join(f"{k}={json.dumps(v)}" for k, v in varied.items())
                 print(f"{i:3d}  {name}  {values}  {done[name]['status'] if name in done else '-'}")
             return
-        if args.index is not None and not 0 <= args.index < len(runs):
-            raise config.UserError(f"grid '{args.grid}' has configs 0-{len(runs) - 1}, got --index {args.index}")
-        indices = range(len(runs)) if args.index is None else [args.index]
+        if not indices:
+            print(f"grid {args.grid}: shard {args.shard} holds none of its {len(runs)} configs; nothing to run")
+            return
         first = runs[indices[0]][2]
         epochs = "epochs varied" if "epochs" in axes else f"{first.epochs} epochs each"
-        print(f"grid {args.grid} | {len(indices)} of {len(runs)} configs of {' x '.join(axes) or 'one'} | "
+        shard = f" (shard {args.shard})" if args.shard else ""
+        print(f"grid {args.grid} | {len(indices)} of {len(runs)} configs{shard} of {' x '.join(axes) or 'one'} | "
               f"{console.device_text(first, devices.pick_device(first))} | {epochs} | "
               f"files {first.out_dir}/, {summary}", flush=True)
         engine.install_stop_handlers()

@@ -174,3 +174,36 @@ def test_unknown_grid_and_bad_index_are_one_error_line(tmp_path):
         r = subprocess.run([sys.executable, str(ROOT / "run_grid.py"), *args, "--out", str(tmp_path)],
                            capture_output=True, text=True)
         assert r.returncode != 0 and r.stderr.startswith("error: ") and message in r.stderr
+
+
+def test_shards_partition_the_configs_by_index_mod_n():
+    for n in range(1, 6):
+        shards = [run_grid.shard_indices(10, f"{i}/{n}") for i in range(n)]
+        assert sorted(sum(shards, [])) == list(range(10))
+        assert all(j % n == i for i, shard in enumerate(shards) for j in shard)
+    assert run_grid.shard_indices(4, "1/2") == [1, 3] and run_grid.shard_indices(4, "5/8") == []
+
+
+def test_two_shards_at_once_write_one_summary_equal_to_the_whole_grids(finished, tmp_path):
+    out = tmp_path / "out"
+    shards = [grid("--shard", f"{i}/2", *small(out, finished[1])) for i in range(2)]
+    outputs = [p.communicate()[0] for p in shards]
+    assert [p.returncode for p in shards] == [0, 0], outputs
+    assert outputs[0].startswith("grid smoke_grid | 2 of 4 configs (shard 0/2) of lr x channels")
+    assert [line.split()[2] for line in outputs[1].splitlines() if line.startswith("== ")] == ["[1/3]", "[3/3]"]
+    assert rows(out / "smoke_grid.csv", {"train_s"}) == rows(finished[0] / "smoke_grid.csv", {"train_s"})
+    for r in rows(out / "smoke_grid.csv"):
+        run = f"smoke_grid/{r['run']}.csv"
+        assert rows(out / run, TIMING) == rows(finished[0] / run, TIMING)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--shard", "3/2"], "--shard expects I/N with 0 <= I < N, e.g. 0/4, got '3/2'"),
+    (["--shard", "a/b"], "got 'a/b'"),
+    (["--shard", "2"], "got '2'"),
+    (["--shard", "0/2", "--index", "1"], "--index and --shard each choose the configs to run"),
+])
+def test_a_malformed_shard_is_one_error_line(tmp_path, args, message):
+    r = subprocess.run([sys.executable, str(ROOT / "run_grid.py"), "--grid", "smoke_grid", *args, "--out", str(tmp_path)],
+                       capture_output=True, text=True)
+    assert r.returncode != 0 and r.stderr.count("\n") == 1 and r.stderr.startswith("error: ") and message in r.stderr

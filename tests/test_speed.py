@@ -101,3 +101,16 @@ def test_training_flops_per_image_counts_forward_and_backward_of_every_conv_and_
 def test_gpu_check_script_is_valid_bash():
     r = subprocess.run(["bash", "-n", str(ROOT / "gpu_check.sh")], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
+
+
+def test_bench_times_each_augmentation_against_crop_and_flip(tmp_path):
+    r = subprocess.run([sys.executable, str(ROOT / "bench.py"), "--exp", "smoke", "--device", "cpu", "--modes", "fp32",
+                        "--batch-size", "16", "--steps", "1", "--images", "256", "--report-images", "64",
+                        "--workers", "0", "--aug-images", "256", "--augmentations", "crop_flip,cutmix,ta_wide,ra",
+                        "--policy-groups", "4", "--json", "--out", str(tmp_path)], capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 0, r.stderr
+    rows = json.loads((tmp_path / "bench.json").read_text())["augmentation"]
+    assert [(a["key"], a["group"]) for a in rows] == [("crop_flip", None), ("cutmix", None), ("ta_wide", 4),
+                                                      ("ta_wide", 16), ("ra", 16)]
+    assert rows[0]["ratio"] == 1.0 and all(a["img_per_s"] > 0 and a["ratio"] > 0 for a in rows)
+    assert "| + ta_wide, groups of 4 |" in r.stdout and "vs crop + flip" in r.stdout

@@ -124,6 +124,32 @@ def test_lr_schedules_warm_up_and_decay_per_step():
     assert optim.lr_at(77, 100, config.Config(lr=0.002)) == 0.002
 
 
+def test_multistep_lr_drops_by_gamma_at_each_milestone_given_as_epochs_or_fractions():
+    epochs = config.Config(lr=0.1, schedule="multistep", milestones=[60, 120, 160], gamma=0.2, epochs=200)
+    steps = 10 * 200        # 10 steps per epoch: epoch 60's milestone is global step 600
+    lrs = [optim.lr_at(s, steps, epochs) for s in (0, 599, 600, 1199, 1200, 1599, 1600, 1999)]
+    assert lrs == pytest.approx([0.1, 0.1, 0.02, 0.02, 0.004, 0.004, 0.0008, 0.0008])
+    fractions = config.Config(lr=1.0, schedule="multistep", milestones=[0.5, 0.75], gamma=0.1, warmup=0.1)
+    lrs = [optim.lr_at(s, 100, fractions) for s in (0, 9, 10, 49, 50, 74, 75, 99)]
+    assert lrs == pytest.approx([0.1, 1.0, 1.0, 1.0, 0.1, 0.1, 0.01, 0.01])
+    for bad in ([0.5, 60], [120, 60], [60.5], [0.5, 0.5]):
+        with pytest.raises(config.UserError, match="config key 'milestones' must be increasing"):
+            config.resolve("smoke", [("schedule", "multistep"), ("milestones", bad)])
+    with pytest.raises(config.UserError, match="config key 'milestones' must be a non-empty list of numbers"):
+        config.resolve("smoke", [("milestones", [])])
+
+
+def test_ptc100_resnet18_is_the_classic_200_epoch_step_recipe():
+    cfg = config.resolve("ptc100_resnet18")
+    assert (cfg.blocks, cfg.channels, cfg.optimizer, cfg.lr, cfg.momentum, cfg.weight_decay, cfg.batch_size,
+            cfg.epochs) == ([2, 2, 2, 2], [64, 128, 256, 512], "sgd", 0.1, 0.9, 5e-4, 128, 200)
+    per_epoch = 45_000 // 128
+    lr = [optim.lr_at(epoch * per_epoch, 200 * per_epoch, cfg) for epoch in (1, 59, 60, 119, 120, 160, 199)]
+    assert lr == pytest.approx([0.1, 0.1, 0.02, 0.02, 0.004, 0.0008, 0.0008])     # epochs 61, 121, 161 (1-based)
+    assert optim.lr_at(per_epoch // 2, 200 * per_epoch, cfg) == pytest.approx(0.05, rel=0.01)    # one warm-up epoch
+    assert "NOT YET MEASURED on a GPU" in cfg.note
+
+
 def test_report_overfit64_and_report_repo_hold_the_report_repositorys_settings():
     recipe = ("sgd", 0.9, False, 0.002, 1e-4, 128, 20, "constant", True, 0)
     keys = ("optimizer", "momentum", "nesterov", "lr", "weight_decay", "batch_size", "epochs", "schedule", "augment", "subset")
