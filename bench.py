@@ -6,11 +6,12 @@
     python bench.py --modes fp32,compile                # only these modes (compile is skipped on CPU unless named)
 
 Training: images/s of forward + backward + optimizer step (the recipe's optimizer) on one fixed batch, after
-warm-up, timed between device synchronisations, for eager fp32; bf16 autocast; + channels-last; + torch.compile;
-+ CUDA graphs (compile mode reduce-overhead); + compile mode max-autotune-no-cudagraphs. Each mode is a ratio to
-eager fp32; a compiled mode's first step, less one ordinary step, is its compile time, reported apart. The engine
-trains like "+ torch.compile" on CUDA (config compile=auto; other modes via --set compile=...); on CPU like
-"+ channels-last" with precision bf16 (the cpu recipe; for CPUs with AMX), in fp32 with precision auto.
+warm-up, timed between device synchronisations, for eager fp32; autocast (bf16, or fp16 with a GradScaler on a
+CUDA GPU below capability 8.0); + channels-last; + torch.compile; + CUDA graphs (compile mode reduce-overhead);
++ compile mode max-autotune-no-cudagraphs. Each mode is a ratio to eager fp32; a compiled mode's first step, less
+one ordinary step, is its compile time, reported apart. The engine trains like "+ torch.compile" on CUDA (config
+compile=auto; other modes via --set compile=...); on CPU like "+ channels-last" where the CPU has native bf16
+(precision auto, devices.py), else like eager fp32.
 Input pipeline: our batched crop + flip + normalise on the device (data.train_batches) against the report's
 torchvision transforms per PIL image through a DataLoader (then copied to the device), in images/s: the best of
 5 epochs against the best of 5 passes (other processes on a small machine make single passes noisy).
@@ -34,18 +35,13 @@ import files
 import optim
 from resnet import ResNet
 
-# key, label, bf16 autocast, channels-last, engine compile setting (None: eager)
+# key, label, autocast, channels-last, engine compile setting (None: eager)
 MODES = [("fp32", "eager fp32", False, False, None),
-         ("bf16", "bf16 autocast", True, False, None),
+         ("bf16", "autocast", True, False, None),        # note: key "bf16" also under fp16, for bench.json readers
          ("channels_last", "+ channels-last", True, True, None),
          ("compile", "+ torch.compile", True, True, "on"),
          ("cudagraphs", "+ CUDA graphs (reduce-overhead)", True, True, "reduce-overhead"),
          ("autotune", "+ max-autotune-no-cudagraphs", True, True, "max-autotune-no-cudagraphs")]
-
-
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
 
 
 def skip_reason(key, compile_setting, device, asked):
@@ -59,7 +55,7 @@ def skip_reason(key, compile_setting, device, asked):
     return ""
 
 
-def time_training(cfg, device, amp, channels_last, compile_setting, steps, warmup):
+def time_training(cfg, device, precision, channels_last, compile_setting, steps, warmup):
     """(images/s, compile seconds or None) of training steps of cfg's model on one fixed random batch."""
     torch.manual_seed(0)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
@@ -72,25 +68,26 @@ def time_training(cfg, device, amp, channels_last, compile_setting, steps, warmu
         torch._dynamo.reset()       # each mode compiles from scratch, as a fresh process would
         run = devices.compile_model(model, dataclasses.replace(cfg, compile=compile_setting))
 
+    scaler = devices.grad_scaler(device, precision)
+
     def step():     # engine.train_step with precision and memory format as switches
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+        with devices.autocast(device, precision):
             logits = run(x)
         loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing)
         opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        devices.backward_step(loss, opt, scaler)
 
     t0 = time.perf_counter()
     step()
-    sync(device)
+    devices.synchronize(device)
     first_s = time.perf_counter() - t0
     for _ in range(warmup - 1):
         step()
-    sync(device)
+    devices.synchronize(device)
     t0 = time.perf_counter()
     for _ in range(steps):
         step()
-    sync(device)
+    devices.synchronize(device)
     step_s = (time.perf_counter() - t0) / steps
     return cfg.batch_size / step_s, max(0.0, first_s - step_s) if compile_setting else None
 
@@ -103,11 +100,11 @@ def time_ours(x, y, batch_size, epochs):
     cfg = config.Config(batch_size=batch_size)
     rates = []
     for epoch in range(epochs + 1):         # epoch 0 warms up
-        sync(x.device)
+        devices.synchronize(x.device)
         n, t0 = 0, time.perf_counter()
         for xb, _ in data.train_batches(x, y, cfg, epoch):
             n += len(xb)
-        sync(x.device)
+        devices.synchronize(x.device)
         rates.append(n / (time.perf_counter() - t0))
     return max(rates[1:])
 
@@ -141,7 +138,7 @@ def time_report(x, y, batch_size, workers, device, repeats):
         for xb, yb in batches:
             xb, yb = xb.to(device, non_blocking=True), yb.to(device, non_blocking=True)
             n += len(xb)
-        sync(device)
+        devices.synchronize(device)
         rates.append(n / (time.perf_counter() - t0))
     return max(rates)
 
@@ -173,7 +170,7 @@ def main():
     p.add_argument("--exp", default="report", help="whose model and optimizer to time (default: report)")
     p.add_argument("--batch-size", type=int,
                    help="default 512 on CUDA; on CPU the report's 128, as a step at 512 takes minutes there")
-    p.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"])
+    p.add_argument("--device", default="auto", choices=config.CHOICES["device"])
     p.add_argument("--modes", help=f"comma list of {','.join(m[0] for m in MODES)} (default: all that apply)")
     p.add_argument("--steps", type=int, help="timed training steps per mode (default 50 on CUDA, 2 on CPU)")
     p.add_argument("--warmup", type=int, help="untimed steps first, the first one compiles (default 10 / 1)")
@@ -193,6 +190,8 @@ def main():
     except config.UserError as e:
         sys.exit(f"error: {e}")
     cuda = device.type == "cuda"
+    amp = devices.pick_precision(cfg, device)[0]       # the engine's autocast precision here; bf16 where that is fp32
+    amp = "bf16" if amp == "fp32" else amp
     cfg.batch_size = args.batch_size or (512 if cuda else 128)
     steps, warmup = args.steps or (50 if cuda else 2), max(1, args.warmup or (10 if cuda else 1))
     asked = set(args.modes.split(",")) if args.modes else None
@@ -234,13 +233,15 @@ def main():
           f"pipeline_speedup {result['pipeline_speedup']:.1f}x", flush=True)
     save()
     baseline = None
-    for key, label, amp, channels_last, compile_setting in MODES:
-        row = {"key": key, "label": label, "precision": "bf16" if amp else "tf32" if cuda else "fp32",
+    for key, label, autocast, channels_last, compile_setting in MODES:
+        precision = amp if autocast else "fp32"
+        row = {"key": key, "label": f"{amp} {label}" if key == "bf16" else label,
+               "precision": precision if autocast or not cuda else "tf32",
                "img_per_s": None, "ratio": None, "compile_s": None,
                "status": skip_reason(key, compile_setting, device, asked)}
         if not row["status"]:
             try:
-                rate, compile_s = time_training(cfg, device, amp, channels_last, compile_setting, steps, warmup)
+                rate, compile_s = time_training(cfg, device, precision, channels_last, compile_setting, steps, warmup)
                 baseline = baseline or (rate if key == "fp32" else None)
                 row.update(img_per_s=round(rate, 1), compile_s=compile_s and round(compile_s, 1),
                            ratio=round(rate / baseline, 3) if baseline else None, status="measured")
