@@ -47,12 +47,17 @@ def pick_device(cfg):
     return torch.device(cfg.device)
 
 
+def env_count(name):
+    """A positive count from the environment (of a list such as OMP_NUM_THREADS=4,2 the first), else 0."""
+    text = os.environ.get(name, "").split(",")[0].strip()
+    return int(text) if text.isdigit() else 0
+
+
 def cpu_threads(cfg):
-    """cfg.threads, else OMP_NUM_THREADS where set, else the CPUs this process may run on (taskset, SLURM's cpuset)."""
-    omp = os.environ.get("OMP_NUM_THREADS", "").split(",")[0].strip()
-    if cfg.threads or omp.isdigit() and int(omp) > 0:
-        return cfg.threads or int(omp)
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    """cfg.threads, else OMP_NUM_THREADS where set, else the CPUs this process may run on (taskset; SLURM's cpuset),
+    under SLURM no more than --cpus-per-task (a cluster that binds no CPUs leaves all of them to each job)."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return cfg.threads or env_count("OMP_NUM_THREADS") or min(cpus, env_count("SLURM_CPUS_PER_TASK") or cpus)
 
 
 def setup(cfg):
@@ -142,7 +147,7 @@ def choice_text(cfg, device):
     """What the first line says of the device: its name or threads, the precision and compile chosen, and why."""
     precision, precision_text = pick_precision(cfg, device)
     compile_text = pick_compile(cfg, device, precision)[1]
-    threads = torch.get_num_threads()
+    threads = cpu_threads(cfg)      # what setup sets (run_grid.py says it before)
     name = f"{threads} thread{'s' * (threads != 1)}" if device.type == "cpu" else "" if device.type == "mps" else \
         torch.get_device_module(device.type).get_device_name(device)     # note: torch.mps has no get_device_name
     return ", ".join(part for part in (name, precision_text, compile_text) if part)

@@ -153,11 +153,15 @@ def test_a_device_asked_for_but_absent_is_one_error_line_naming_what_there_is(mo
 def test_threads_are_the_key_else_omp_num_threads_else_the_cpus_this_process_may_run_on(monkeypatch):
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 2, 5}, raising=False)
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.delenv("SLURM_CPUS_PER_TASK", raising=False)
     assert devices.cpu_threads(config.Config()) == 3
-    monkeypatch.setenv("OMP_NUM_THREADS", "2")
+    monkeypatch.setenv("SLURM_CPUS_PER_TASK", "2")                 # a cluster that binds no CPUs to the job
     assert devices.cpu_threads(config.Config()) == 2
-    assert devices.cpu_threads(config.Config(threads=4)) == 4
+    monkeypatch.setenv("OMP_NUM_THREADS", "4,2")
+    assert devices.cpu_threads(config.Config()) == 4
+    assert devices.cpu_threads(config.Config(threads=5)) == 5
     monkeypatch.delenv("OMP_NUM_THREADS")
+    monkeypatch.delenv("SLURM_CPUS_PER_TASK")
     monkeypatch.delattr(os, "sched_getaffinity")                   # Windows, macOS
     monkeypatch.setattr(os, "cpu_count", lambda: 6)
     assert devices.cpu_threads(config.Config()) == 6
