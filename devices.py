@@ -147,9 +147,11 @@ def choice_text(cfg, device):
     """What the first line says of the device: its name or threads, the precision and compile chosen, and why."""
     precision, precision_text = pick_precision(cfg, device)
     compile_text = pick_compile(cfg, device, precision)[1]
-    threads = cpu_threads(cfg)      # what setup sets (run_grid.py says it before)
-    name = f"{threads} thread{'s' * (threads != 1)}" if device.type == "cpu" else "" if device.type == "mps" else \
-        torch.get_device_module(device.type).get_device_name(device)     # note: torch.mps has no get_device_name
+    if device.type == "cpu":
+        threads = cpu_threads(cfg)      # what setup sets (run_grid.py says it before setup)
+        name = f"{threads} thread{'s' * (threads != 1)}"
+    else:       # note: torch.mps has no get_device_name
+        name = "" if device.type == "mps" else torch.get_device_module(device.type).get_device_name(device)
     return ", ".join(part for part in (name, precision_text, compile_text) if part)
 
 

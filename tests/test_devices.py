@@ -176,11 +176,12 @@ def test_threads_are_the_key_else_omp_num_threads_else_the_cpus_this_process_may
 
 
 @pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="needs os.sched_setaffinity (Linux)")
-def test_a_run_held_to_one_cpu_says_one_thread_on_its_first_line(tmp_path):
+def test_a_run_held_to_one_cpu_says_one_thread_on_its_first_line(data_dir, tmp_path):
     """As `taskset -c 0 python run_train.py --exp smoke`."""
     one_cpu = min(os.sched_getaffinity(0))
-    env = {k: v for k, v in ENV.items() if k != "OMP_NUM_THREADS"}
-    proc = subprocess.Popen([sys.executable, "run_train.py", "--exp", "smoke", "--out", tmp_path], cwd=REPO, env=env,
+    env = {k: v for k, v in ENV.items() if k not in ("OMP_NUM_THREADS", "SLURM_CPUS_PER_TASK")}
+    args = ["run_train.py", "--exp", "smoke", "--device", "cpu", "--data-dir", data_dir, "--out", tmp_path]
+    proc = subprocess.Popen([sys.executable, *map(str, args)], cwd=REPO, env=env,
                             text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             preexec_fn=lambda: os.sched_setaffinity(0, {one_cpu}))
     first = proc.stdout.readline()
@@ -272,10 +273,10 @@ def test_every_script_starts_trains_evaluates_and_resumes_without_fcntl_and_sigu
     resumed = windows("run_train.py", *train, "--resume")
     assert resumed.returncode == 0 and "resuming smoke at epoch 2" in resumed.stdout, resumed.stderr
     assert [r["epoch"] for r in csv_rows(out / "smoke.csv")] == ["1", "2"]
-    for args in [("run_eval.py", out / "smoke.ckpt"),
-                 ("run_lrfind.py", "--exp", "smoke", "--set", "subset=256", "--iters", "10", "--out", out),
+    for args in [("run_eval.py", out / "smoke.ckpt", "--device", "cpu"),
+                 ("run_lrfind.py", *SMALL, "--iters", "10", "--data-dir", data_dir, "--out", out),
                  ("run_grid.py", "--grid", "smoke_grid", "--index", "0", "--epochs", "1", "--set", "subset=256",
-                  "--data-dir", data_dir, "--out", out)]:
+                  "--device", "cpu", "--data-dir", data_dir, "--out", out)]:
         proc = windows(*args)
         assert proc.returncode == 0 and "Traceback" not in proc.stderr, (args, proc.stderr)
     assert [r["status"] for r in csv_rows(out / "smoke_grid.csv")] == ["done"]
