@@ -7,11 +7,12 @@
     python bench.py --exp cpu --device cpu --profile    # also out/profile_cpu.txt: torch.profiler table of one step
 
 Training: images/s of forward + backward + optimizer step (the recipe's optimizer) on one fixed batch, after
-warm-up, timed between device synchronisations, for eager fp32; bf16 autocast; + channels-last; + torch.compile;
-+ CUDA graphs (compile mode reduce-overhead); + compile mode max-autotune-no-cudagraphs. Each mode is a ratio to
-eager fp32; a compiled mode's first step, less one ordinary step, is its compile time, reported apart. The engine
-trains like "+ torch.compile" on CUDA (config compile=auto; other modes via --set compile=...); on CPU like
-"+ channels-last" with precision bf16 (the cpu recipe; for CPUs with AMX), in fp32 with precision auto.
+warm-up, timed between device synchronisations, for eager fp32; autocast (bf16, or fp16 with a GradScaler on a
+CUDA GPU below capability 8.0); + channels-last; + torch.compile; + CUDA graphs (compile mode reduce-overhead);
++ compile mode max-autotune-no-cudagraphs. Each mode is a ratio to eager fp32; a compiled mode's first step, less
+one ordinary step, is its compile time, reported apart. The engine trains like "+ torch.compile" on CUDA (config
+compile=auto; other modes via --set compile=...); on CPU like "+ channels-last" where the CPU has native bf16
+(precision auto, devices.py), else like eager fp32.
 Roofline: the device's matrix throughput (a 2048 x 2048 product, fp32 and bf16, TFLOP/s) beside each mode's achieved
 FLOP/s (the model's training FLOPs per image, counted by torch.utils.flop_counter, times its img/s).
 Input pipeline: our batched crop + flip + normalise on the device (data.train_batches) against the report's
@@ -46,18 +47,13 @@ AUGMENTATIONS = [("crop_flip", "crop + flip", {}), ("cutout", "+ cutout 8", {"cu
                  ("mixup", "+ mixup 0.8", {"mixup": 0.8}), ("cutmix", "+ cutmix 1.0", {"cutmix": 1.0}),
                  ("ta_wide", "+ ta_wide", {"auto_augment": "ta_wide"}), ("ra", "+ ra", {"auto_augment": "ra"}),
                  ("aa_cifar10", "+ aa_cifar10", {"auto_augment": "aa_cifar10"})]
-# key, label, bf16 autocast, channels-last, engine compile setting (None: eager)
+# key, label, autocast, channels-last, engine compile setting (None: eager)
 MODES = [("fp32", "eager fp32", False, False, None),
-         ("bf16", "bf16 autocast", True, False, None),
+         ("bf16", "autocast", True, False, None),        # note: key "bf16" also under fp16, for bench.json readers
          ("channels_last", "+ channels-last", True, True, None),
          ("compile", "+ torch.compile", True, True, "on"),
          ("cudagraphs", "+ CUDA graphs (reduce-overhead)", True, True, "reduce-overhead"),
          ("autotune", "+ max-autotune-no-cudagraphs", True, True, "max-autotune-no-cudagraphs")]
-
-
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
 
 
 def skip_reason(key, compile_setting, device, asked):
@@ -71,7 +67,7 @@ def skip_reason(key, compile_setting, device, asked):
     return ""
 
 
-def make_step(cfg, device, amp, channels_last, compile_setting=None):
+def make_step(cfg, device, precision, channels_last, compile_setting=None):
     """A training step of cfg's model on one fixed random batch: engine.train_step with precision and memory format
     as switches."""
     torch.manual_seed(0)
@@ -85,38 +81,39 @@ def make_step(cfg, device, amp, channels_last, compile_setting=None):
         torch._dynamo.reset()       # each mode compiles from scratch, as a fresh process would
         run = devices.compile_model(model, dataclasses.replace(cfg, compile=compile_setting))
 
-    def step():
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+    scaler = devices.grad_scaler(device, precision)
+
+    def step():     # engine.train_step with precision and memory format as switches
+        with devices.autocast(device, precision):
             logits = run(x)
         loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing)
         opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        devices.backward_step(loss, opt, scaler)
     return step
 
 
-def time_training(cfg, device, amp, channels_last, compile_setting, steps, warmup):
+def time_training(cfg, device, precision, channels_last, compile_setting, steps, warmup):
     """(images/s, compile seconds or None) of training steps of cfg's model on one fixed random batch."""
-    step = make_step(cfg, device, amp, channels_last, compile_setting)
+    step = make_step(cfg, device, precision, channels_last, compile_setting)
     t0 = time.perf_counter()
     step()
-    sync(device)
+    devices.synchronize(device)
     first_s = time.perf_counter() - t0
     for _ in range(warmup - 1):
         step()
-    sync(device)
+    devices.synchronize(device)
     t0 = time.perf_counter()
     for _ in range(steps):
         step()
-    sync(device)
+    devices.synchronize(device)
     step_s = (time.perf_counter() - t0) / steps
     return cfg.batch_size / step_s, max(0.0, first_s - step_s) if compile_setting else None
 
 
-def profile_step(cfg, device, amp, x, y, rows=25):
+def profile_step(cfg, device, precision, x, y, rows=25):
     """torch.profiler's table (self time per op) of one epoch's first augmented batch and one training step after a
     warm-up step, channels-last, as the engine trains."""
-    step = make_step(cfg, device, amp, channels_last=True)
+    step = make_step(cfg, device, precision, channels_last=True)
     step()
     activities = [torch.profiler.ProfilerActivity.CPU] + [torch.profiler.ProfilerActivity.CUDA] * (device.type == "cuda")
     with torch.profiler.profile(activities=activities) as prof:
@@ -124,7 +121,7 @@ def profile_step(cfg, device, amp, x, y, rows=25):
             next(data.train_batches(x, y, cfg, epoch=0))
         with torch.profiler.record_function("training step: forward, backward, optimizer"):
             step()
-        sync(device)
+        devices.synchronize(device)
     sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
     return prof.key_averages().table(sort_by=sort, row_limit=rows)
 
@@ -138,11 +135,11 @@ def time_ours(x, y, batch_size, epochs, **settings):
     cfg = config.Config(batch_size=batch_size, **settings)
     rates = []
     for epoch in range(epochs + 1):         # epoch 0 warms up
-        sync(x.device)
+        devices.synchronize(x.device)
         n, t0 = 0, time.perf_counter()
         for xb, _ in data.train_batches(x, y, cfg, epoch):
             n += len(xb)
-        sync(x.device)
+        devices.synchronize(x.device)
         rates.append(n / (time.perf_counter() - t0))
     return max(rates[1:])
 
@@ -176,7 +173,7 @@ def time_report(x, y, batch_size, workers, device, repeats):
         for xb, yb in batches:
             xb, yb = xb.to(device, non_blocking=True), yb.to(device, non_blocking=True)
             n += len(xb)
-        sync(device)
+        devices.synchronize(device)
         rates.append(n / (time.perf_counter() - t0))
     return max(rates)
 
@@ -206,11 +203,11 @@ def matmul_tflops(device, dtype, seconds=2.0, largest=2048):
     without native bf16 takes minutes for one 2048 product), then repeated for about `seconds`."""
     def product_s(n, reps=1):
         a, b = (torch.randn(n, n, device=device).to(dtype) for _ in range(2))
-        sync(device)
+        devices.synchronize(device)
         t0 = time.perf_counter()
         for _ in range(reps):
             a @ b
-        sync(device)
+        devices.synchronize(device)
         return (time.perf_counter() - t0) / reps
 
     n = 256
@@ -277,7 +274,7 @@ def main():
     p.add_argument("--exp", default="report", help="whose model and optimizer to time (default: report)")
     p.add_argument("--batch-size", type=int,
                    help="default 512 on CUDA; on CPU the report's 128, as a step at 512 takes minutes there")
-    p.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"])
+    p.add_argument("--device", default="auto", choices=config.CHOICES["device"])
     p.add_argument("--modes", help=f"comma list of {','.join(m[0] for m in MODES)} (default: all that apply)")
     p.add_argument("--steps", type=int, help="timed training steps per mode (default 50 on CUDA, 2 on CPU)")
     p.add_argument("--warmup", type=int, help="untimed steps first, the first one compiles (default 10 / 1)")
@@ -305,6 +302,8 @@ def main():
     except config.UserError as e:
         sys.exit(f"error: {e}")
     cuda = device.type == "cuda"
+    amp = devices.pick_precision(cfg, device)[0]       # the engine's autocast precision here; bf16 where that is fp32
+    amp = "bf16" if amp == "fp32" else amp
     cfg.batch_size = args.batch_size or (512 if cuda else 128)
     steps, warmup = args.steps or (50 if cuda else 2), max(1, args.warmup or (10 if cuda else 1))
     asked = set(args.modes.split(",")) if args.modes else None
@@ -358,13 +357,15 @@ def main():
                                                     augmentations, groups)
         save()
     baseline = None
-    for key, label, amp, channels_last, compile_setting in MODES:
-        row = {"key": key, "label": label, "precision": "bf16" if amp else "tf32" if cuda else "fp32",
+    for key, label, autocast, channels_last, compile_setting in MODES:
+        precision = amp if autocast else "fp32"
+        row = {"key": key, "label": f"{amp} {label}" if key == "bf16" else label,
+               "precision": precision if autocast or not cuda else "tf32",
                "img_per_s": None, "ratio": None, "compile_s": None,
                "status": skip_reason(key, compile_setting, device, asked)}
         if not row["status"]:
             try:
-                rate, compile_s = time_training(cfg, device, amp, channels_last, compile_setting, steps, warmup)
+                rate, compile_s = time_training(cfg, device, precision, channels_last, compile_setting, steps, warmup)
                 baseline = baseline or (rate if key == "fp32" else None)
                 row.update(img_per_s=round(rate, 1), compile_s=compile_s and round(compile_s, 1),
                            ratio=round(rate / baseline, 3) if baseline else None, status="measured")
@@ -382,13 +383,13 @@ def main():
     print(table(result))
     print(roofline_line(result["roofline"]))
     if args.profile:
-        amp = cuda or cfg.precision == "bf16"       # the engine's autocast choice on this device
+        precision = devices.pick_precision(cfg, device)[0]      # as the engine trains here
         path = Path(args.out) / f"profile_{args.exp}.txt"
         path.parent.mkdir(parents=True, exist_ok=True)
         with files.atomic_open(path) as f:
-            f.write(f"{args.exp} | batch {cfg.batch_size} | {result['device']} | {'bf16 autocast' if amp else 'fp32'}, channels-last "
-                    f"(the epoch's crop + flip runs at its first batch) | torch {v['torch']}\n" + profile_step(cfg, device, amp, x[:n_ours].to(device),
-                                                                         y[:n_ours].to(device)) + "\n")
+            f.write(f"{args.exp} | batch {cfg.batch_size} | {result['device']} | {precision}, channels-last (the epoch's "
+                    f"crop + flip runs at its first batch) | torch {v['torch']}\n"
+                    + profile_step(cfg, device, precision, x[:n_ours].to(device), y[:n_ours].to(device)) + "\n")
         print(f"profile | written {path}")
     print(f"\npipeline_speedup {result['pipeline_speedup']:.1f}x (ours over the report's DataLoader, images/s)"
           + (f" | written {out}" if args.json else ""))

@@ -65,10 +65,11 @@ class Config:
     lrfind_diverge: float = 4.0    # stop once the loss passes this x its minimum so far
     lrfind_stop: str = "smooth"    # the loss that rule reads: "smooth" (moving average) or "raw" (the report's)
     # system
-    device: str = "auto"           # "auto" (cuda if available), "cuda" or "cpu"
-    precision: str = "auto"        # "auto" (bf16 autocast on CUDA, fp32 on CPU), "bf16" (on CPU too: fast with AMX), "fp32"
+    device: str = "auto"           # "auto" (the first of cuda, xpu, mps that is there, else cpu), "cuda", "xpu", "mps", "cpu"
+    precision: str = "auto"        # "auto" (what the device runs natively: devices.py), "bf16", "fp16" (+ GradScaler), "fp32"
     compile: str = "auto"          # "auto" (on for CUDA, off for CPU), "on", "off", or a torch.compile mode:
                                    # "reduce-overhead" (CUDA graphs), "max-autotune-no-cudagraphs" (see bench.py)
+    threads: int = 0               # CPU threads; 0 = OMP_NUM_THREADS if set, else the CPUs this process may run on
     seed: int = 0
     deterministic: bool = False    # cudnn.deterministic + torch deterministic algorithms (slower)
     log_every: int = 0             # also a step line every N steps; 0 = off
@@ -80,8 +81,8 @@ class Config:
 
 
 CHOICES = {"dataset": ("cifar100", "synthetic"), "optimizer": ("sgd", "adam", "adamw"), "lrfind_stop": ("smooth", "raw"),
-           "schedule": ("constant", "cosine", "onecycle", "multistep"), "device": ("auto", "cuda", "cpu"),
-           "precision": ("auto", "bf16", "fp32"), "auto_augment": ("", "ta_wide", "ra", "aa_cifar10"),
+           "schedule": ("constant", "cosine", "onecycle", "multistep"), "device": ("auto", "cuda", "xpu", "mps", "cpu"),
+           "precision": ("auto", "bf16", "fp16", "fp32"), "auto_augment": ("", "ta_wide", "ra", "aa_cifar10"),
            "compile": ("auto", "on", "off", "reduce-overhead", "max-autotune-no-cudagraphs")}
 FIELD_TYPES = {f.name: type(f.default) if f.default is not dataclasses.MISSING else list
                for f in dataclasses.fields(Config)}
@@ -120,7 +121,7 @@ def validate(cfg):
     """Reject impossible combinations and out-of-range values."""
     positive = ["lr", "batch_size", "epochs", "stem_stride", "val_every", "lrfind_start", "auto_augment_group", "gamma"]
     non_negative = ["weight_decay", "subset", "cutout", "momentum", "warmup", "final_lr", "log_every", "progress_s",
-                    "mixup", "cutmix"]
+                    "mixup", "cutmix", "threads"]
     for key in positive:
         if getattr(cfg, key) <= 0:
             raise UserError(f"config key '{key}' must be > 0, got {getattr(cfg, key)}")

@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 import config
+import devices
 from resnet import ResNet
 
 LONG_RUN_S = 3600        # a CPU run longer than this gets the estimate line
@@ -28,11 +29,11 @@ def compact(values):
 
 
 def device_text(cfg, device):
-    """The device in words; for a CPU under device=auto, also why no GPU was taken."""
-    if device.type == "cuda":
-        return f"cuda ({torch.cuda.get_device_name(device)})"
-    threads = torch.get_num_threads()
-    text = f"cpu ({threads} thread{'s' * (threads != 1)}{', bf16' * (cfg.precision == 'bf16')})"
+    """The device in words with the precision and compile chosen and why (devices.py); for a CPU under device=auto,
+    also why no GPU was taken."""
+    text = f"{device.type} ({devices.choice_text(cfg, device)})"
+    if device.type != "cpu":
+        return text
     if cfg.device == "auto" and torch.version.cuda:
         visible = os.environ.get("CUDA_VISIBLE_DEVICES")
         why = f"CUDA_VISIBLE_DEVICES={visible!r}" if visible is not None else "no NVIDIA driver or GPU visible"

@@ -1,4 +1,14 @@
-"""Where a run runs: the device, the precision (autocast), torch.compile, and the versions stored with each run.
+"""Where a run runs, chosen once and said on its first line: the device, the precision (autocast; a GradScaler for
+fp16), torch.compile and the CPU threads; and the versions stored with each run. With the config's "auto":
+
+    device                                   precision           compile
+    CUDA, capability >= 8.0 (A100, H100)     bf16                on
+    CUDA, capability 7.x (V100, T4)          fp16 + GradScaler   on
+    CUDA, capability < 7.0 (P100)            fp16 + GradScaler   off: Triton needs 7.0
+    Intel GPU (xpu)                          bf16 where torch.xpu says so, else fp32   off
+    Apple GPU (mps)                          fp32                off
+    CPU with native bf16 (AMX, AVX512-BF16)  bf16                off
+    any other CPU                            fp32                off
 
     python -c "import devices, config; print(devices.setup(config.resolve('smoke')))"
 """
@@ -12,17 +22,50 @@ import torch
 
 from config import UserError
 
+ACCELERATORS = {"cuda": "NVIDIA GPU (CUDA)", "xpu": "Intel GPU (XPU)", "mps": "Apple GPU (MPS)"}   # auto's order
+AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+# ----------------------------------------------------------------------------
+# the device and its threads
+
+def available(kind):
+    """Whether this torch has the backend `kind` and sees a device of it."""
+    if kind == "mps":
+        return torch.backends.mps.is_available()        # note: torch.mps.is_available only exists in recent torch
+    return kind == "cpu" or torch.get_device_module(kind).is_available()
+
 
 def pick_device(cfg):
-    if cfg.device == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda was asked for, but no CUDA GPU is visible")
-    return torch.device("cuda" if cfg.device != "cpu" and torch.cuda.is_available() else "cpu")
+    """cfg.device; auto takes the first accelerator visible, else the CPU. An absent device is one error line."""
+    if cfg.device == "auto":
+        return torch.device(next((kind for kind in ACCELERATORS if available(kind)), "cpu"))
+    if not available(cfg.device):
+        here = [kind for kind in ACCELERATORS if available(kind)] + ["cpu"]
+        raise UserError(f"--device {cfg.device} was asked for, but torch {torch.__version__} sees no "
+                        f"{ACCELERATORS[cfg.device]} here; what there is: {', '.join(here)}")
+    return torch.device(cfg.device)
+
+
+def env_count(name):
+    """A positive count from the environment (of a list such as OMP_NUM_THREADS=4,2 the first), else 0."""
+    text = os.environ.get(name, "").split(",")[0].strip()
+    return int(text) if text.isdigit() else 0
+
+
+def cpu_threads(cfg):
+    """cfg.threads, else OMP_NUM_THREADS where set, else the CPUs this process may run on (taskset; SLURM's cpuset),
+    under SLURM no more than --cpus-per-task (a cluster that binds no CPUs leaves all of them to each job)."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return cfg.threads or env_count("OMP_NUM_THREADS") or min(cpus, env_count("SLURM_CPUS_PER_TASK") or cpus)
 
 
 def setup(cfg):
-    """Seed everything, pick the device, set the cuDNN/TF32 flags; returns the torch.device."""
+    """Seed everything, pick the device, set the CPU threads or the cuDNN/TF32 flags; returns the torch.device."""
     device = pick_device(cfg)
     torch.manual_seed(cfg.seed)
+    if device.type == "cpu":
+        torch.set_num_threads(cpu_threads(cfg))
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = not cfg.deterministic
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
@@ -33,8 +76,83 @@ def setup(cfg):
     return device
 
 
+def synchronize(device):
+    """Wait for the work queued on an accelerator (a timing reads between two of these); nothing to wait for on a CPU."""
+    if device.type != "cpu":
+        torch.get_device_module(device.type).synchronize()
+
+
+# ----------------------------------------------------------------------------
+# precision and compile
+
+def cpu_bf16():
+    """(native bf16?, why), as torch sees this CPU: its kernels run at AVX512 (ATEN_CPU_CAPABILITY may lower that),
+    the CPU has AMX or AVX512-BF16, and oneDNN runs bf16 (ONEDNN_MAX_CPU_ISA may forbid it). Elsewhere bf16 is
+    emulated, about ten times slower than fp32."""
+    level = torch.backends.cpu.get_cpu_capability()
+    limit = os.environ.get("ATEN_CPU_CAPABILITY")
+    level_text = f"{level} (ATEN_CPU_CAPABILITY={limit})" if limit else level
+    units = [name for name, probe in [("AMX", "_is_amx_tile_supported"), ("AVX512-BF16", "_is_avx512_bf16_supported")]
+             if getattr(torch.cpu, probe, lambda: False)()]
+    if not units:
+        return False, f"{level_text} CPU without AMX or AVX512-BF16"
+    if level != "AVX512":
+        return False, f"torch runs this CPU at {level_text}, without its {' and '.join(units)}"
+    if not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        isa = os.environ.get("ONEDNN_MAX_CPU_ISA")
+        return False, "oneDNN runs no bf16 here" + (f" (ONEDNN_MAX_CPU_ISA={isa})" if isa else "")
+    return True, f"{level} CPU with {' and '.join(units)}"
+
+
+def pick_precision(cfg, device):
+    """(precision, why in words): "bf16", "fp16" or "fp32", as set, or under auto what the device runs natively."""
+    if device.type == "cuda":
+        major, minor = torch.cuda.get_device_capability(device)
+        native = (major, minor) >= (8, 0)
+        why = f"capability {major}.{minor}" + ("" if native else " has no bf16")
+    elif device.type == "xpu":
+        native, why = torch.xpu.is_bf16_supported(), "torch.xpu.is_bf16_supported()"
+    elif device.type == "mps":
+        native, why = False, "autocast on MPS is not yet run by us"
+    else:
+        native, why = cpu_bf16()
+    precision = cfg.precision
+    if precision == "auto":
+        precision = "bf16" if native else "fp16" if device.type == "cuda" else "fp32"
+    name = precision + " + GradScaler" * (precision == "fp16")
+    if cfg.precision == "auto":
+        return precision, f"auto {name}: {why}"
+    return precision, f"{name} as set" + (f", slow: {why}" if precision == "bf16" and not native else "")
+
+
+def pick_compile(cfg, device, precision=None):
+    """(compile?, why): auto compiles on CUDA only, where Triton builds kernels for the GPU and the precision."""
+    if cfg.compile != "auto":
+        return cfg.compile != "off", f"compile {cfg.compile}"
+    if device.type != "cuda":
+        return False, ""        # note: compiling takes minutes on few CPU cores; mps and xpu are not yet run by us
+    capability = torch.cuda.get_device_capability(device)
+    if capability < (7, 0):
+        return False, "no compile: Triton needs capability 7.0"
+    if (precision or pick_precision(cfg, device)[0]) == "bf16" and capability < (8, 0):
+        return False, "no compile: Triton has no bf16 below capability 8.0"
+    return True, "compile on"
+
+
 def use_compile(cfg, device):
-    return cfg.compile not in ("auto", "off") or (cfg.compile == "auto" and device.type == "cuda")
+    return pick_compile(cfg, device)[0]
+
+
+def choice_text(cfg, device):
+    """What the first line says of the device: its name or threads, the precision and compile chosen, and why."""
+    precision, precision_text = pick_precision(cfg, device)
+    compile_text = pick_compile(cfg, device, precision)[1]
+    if device.type == "cpu":
+        threads = cpu_threads(cfg)      # what setup sets (run_grid.py says it before setup)
+        name = f"{threads} thread{'s' * (threads != 1)}"
+    else:       # note: torch.mps has no get_device_name
+        name = "" if device.type == "mps" else torch.get_device_module(device.type).get_device_name(device)
+    return ", ".join(part for part in (name, precision_text, compile_text) if part)
 
 
 def compile_model(model, cfg):
@@ -45,10 +163,30 @@ def compile_model(model, cfg):
     return torch.compile(model, dynamic=False, mode=mode)
 
 
-def autocast(device, precision="auto"):
-    """bf16 autocast (no GradScaler needed) on CUDA, or anywhere with precision "bf16"; else plain fp32."""
-    bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
-    return torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
+# ----------------------------------------------------------------------------
+# one step in that precision
+
+def autocast(device, precision="fp32"):
+    """bf16 or fp16 autocast on the device; plain fp32 for "fp32"."""
+    dtype = AUTOCAST.get(precision)
+    return torch.autocast(device.type, dtype=dtype) if dtype else contextlib.nullcontext()
+
+
+def grad_scaler(device, precision):
+    """A torch.amp.GradScaler for fp16, whose small gradients would underflow without it; None otherwise."""
+    return torch.amp.GradScaler(device.type) if precision == "fp16" else None
+
+
+def backward_step(loss, opt, scaler=None):
+    """loss.backward() and opt.step(), through the scaler under fp16: it skips a step whose gradients hold inf/NaN and
+    lowers its scale. Such a step is no divergence; a non-finite loss is (the engine checks the loss)."""
+    if scaler is None:
+        loss.backward()
+        opt.step()
+    else:
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
 
 
 def to_model_format(x):

@@ -26,8 +26,8 @@ PREEMPTED_EXIT = 75         # exit code after a stop signal: last.ckpt is saved,
 INTERRUPTED_EXIT = 130      # after Ctrl-C (128 + SIGINT, as shells expect); last.ckpt is saved as well
 STOPPED_AT_ONCE = ("stopped at once by a second Ctrl-C: nothing saved since the last checkpoint; "
                    "--resume goes on from it")
-RESUMABLE_CHANGES = {"data_dir", "download", "device", "compile", "log_every", "progress_s", "out_dir", "note",
-                     "deterministic", "lrfind_start", "lrfind_end", "lrfind_iters", "lrfind_diverge", "lrfind_stop"}
+RESUMABLE_CHANGES = {"data_dir", "download", "device", "compile", "threads", "log_every", "progress_s", "out_dir",
+                     "note", "deterministic", "lrfind_start", "lrfind_end", "lrfind_iters", "lrfind_diverge", "lrfind_stop"}
 
 
 class Diverged(UserError):
@@ -47,13 +47,13 @@ class Preempted(Exception):
 # ----------------------------------------------------------------------------
 # compile warm-up
 
-def warm_up(model, cfg, x, y):
+def warm_up(model, cfg, x, y, precision):
     """Compile one training step on a throwaway copy; returns its seconds, so that training time excludes them."""
     probe = copy.deepcopy(model)
     t0 = time.time()
-    train_step(devices.compile_model(probe, cfg), optim.make_optimizer(probe, cfg), x, y, cfg, lr=0.0)
-    if x.is_cuda:
-        torch.cuda.synchronize()
+    train_step(devices.compile_model(probe, cfg), optim.make_optimizer(probe, cfg), x, y, cfg, 0.0, precision,
+               devices.grad_scaler(x.device, precision))
+    devices.synchronize(x.device)
     return time.time() - t0
 
 
@@ -64,16 +64,16 @@ def build_model(cfg, num_classes=100, device="cpu"):
     return ResNet(cfg.blocks, cfg.channels, num_classes, cfg.stem_stride).to(device, memory_format=torch.channels_last)
 
 
-def train_step(model, opt, x, y, cfg, lr):
-    """One forward/backward/update; returns (loss, correct) as device tensors, no host sync."""
+def train_step(model, opt, x, y, cfg, lr, precision="fp32", scaler=None):
+    """One forward/backward/update in that precision (fp16 through the GradScaler); returns (loss, correct) as device
+    tensors, no host sync."""
     for group in opt.param_groups:
         group["lr"] = lr
-    with devices.autocast(x.device, cfg.precision):
+    with devices.autocast(x.device, precision):
         logits = model(devices.to_model_format(x))
     loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing)
     opt.zero_grad(set_to_none=True)
-    loss.backward()
-    opt.step()
+    devices.backward_step(loss, opt, scaler)
     hard = y.argmax(1) if y.ndim == 2 else y        # soft (mixed) targets: accuracy against the dominant label
     return loss.detach(), (logits.argmax(1) == hard).sum()
 
@@ -93,7 +93,7 @@ def update_ema(averaged, model, decay):
 # evaluation
 
 @torch.no_grad()
-def predict(model, x, tta=False, precision="auto", batch_size=1000):
+def predict(model, x, tta=False, precision="fp32", batch_size=1000):
     """Logits (float32) of every image in uint8 x, optionally averaged with the flipped image's."""
     was_training = model.training
     model.eval()
@@ -116,7 +116,7 @@ def metrics(logits, y):
             "top5": (top5 == y[:, None]).any(1).float().mean().item()}
 
 
-def evaluate(model, x, y, tta=False, precision="auto"):
+def evaluate(model, x, y, tta=False, precision="fp32"):
     return metrics(predict(model, x, tta, precision), y)
 
 
@@ -154,8 +154,9 @@ def request_stop(signum, frame):
 
 
 def install_stop_handlers():
-    for sig in (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, request_stop)
+    for name in ("SIGUSR1", "SIGTERM", "SIGINT"):      # note: Windows has no SIGUSR1
+        if hasattr(signal, name):
+            signal.signal(getattr(signal, name), request_stop)
 
 
 # ----------------------------------------------------------------------------
@@ -202,6 +203,8 @@ def train_locked(cfg, device, paths, resume, log):
     train_x, train_y = d["train"]
     model = build_model(cfg, len(d["classes"]), device)
     opt = optim.make_optimizer(model, cfg)
+    precision = devices.pick_precision(cfg, device)[0]      # cfg.precision (auto) is what checkpoints keep
+    scaler = devices.grad_scaler(device, precision)
     ema = copy.deepcopy(model) if cfg.ema else None     # weights and BN statistics, updated by update_ema
     eval_model = ema if ema is not None else model
     steps = data.steps_per_epoch(len(train_x), cfg.batch_size)
@@ -212,6 +215,8 @@ def train_locked(cfg, device, paths, resume, log):
     if state:
         load_weights(model, state["model"], cfg)
         opt.load_state_dict(state["optimizer"])
+        if scaler and state.get("scaler"):
+            scaler.load_state_dict(state["scaler"])
         if ema:
             ema.load_state_dict(state["ema"])
         torch.set_rng_state(state["rng"]["torch"])
@@ -232,12 +237,12 @@ def train_locked(cfg, device, paths, resume, log):
                          console.files_of(cfg)))
     first_batch = next(data.train_batches(train_x, train_y, cfg, epoch=0))    # note: augments a whole epoch, so once
     if not state:
-        first_batch_loss = check_first_batch(model, *first_batch, cfg.precision, log)
+        first_batch_loss = check_first_batch(model, *first_batch, precision, log)
     t_run = time.time()
     compiled, compile_s = model, 0.0
     if devices.use_compile(cfg, device):
         compiled = devices.compile_model(model, cfg)
-        compile_s = warm_up(model, cfg, *first_batch)
+        compile_s = warm_up(model, cfg, *first_batch, precision)
         log(f"compiled in {compile_s:.1f}s (kept apart from training time)")
     files.write_json({"name": cfg.name, "status": "started", "params": model.num_params(),
                       "first_batch_loss": first_batch_loss, "device": str(device), "config": asdict(cfg),
@@ -254,18 +259,18 @@ def train_locked(cfg, device, paths, resume, log):
         else:
             files.save_checkpoint({**common, "model": model.state_dict(), "optimizer": opt.state_dict(),
                          "ema": ema.state_dict() if ema else None, "best": best,
+                         "scaler": scaler.state_dict() if scaler else None,     # fp16's loss scale
                          "elapsed_s": elapsed0 + time.time() - t_run, "rng": {"torch": torch.get_rng_state()},
                          **extra}, paths["last"])
 
     with csv_file:
         while epoch < cfg.epochs:
             t0 = time.time()
-            if device.type == "cuda":
-                torch.cuda.synchronize()
+            devices.synchronize(device)
             lr = optim.lr_at(max(0, epoch * steps + first_step - 1), total_steps, cfg)   # stopped after an epoch's last step
             for i, (x, y) in enumerate(data.train_batches(train_x, train_y, cfg, epoch, first_step), first_step):
                 lr = optim.lr_at(epoch * steps + i, total_steps, cfg)
-                loss, correct = train_step(compiled, opt, x, y, cfg, lr)
+                loss, correct = train_step(compiled, opt, x, y, cfg, lr, precision, scaler)
                 sums[0] += loss * len(y)
                 sums[1] += correct
                 sums[2] += len(y)
@@ -283,12 +288,11 @@ def train_locked(cfg, device, paths, resume, log):
                     checkpoint("last", epoch=epoch, step_in_epoch=i + 1, epoch_sums=sums.cpu(),
                                epoch_s=epoch_s0 + time.time() - t0)
                     raise Preempted(stop_requested[0], f"{paths['last']} at epoch {epoch + 1} step {i + 1}")
-            if device.type == "cuda":
-                torch.cuda.synchronize()
+            devices.synchronize(device)
             epoch_s = epoch_s0 + time.time() - t0
             epoch += 1
             validated = epoch % cfg.val_every == 0 or epoch == cfg.epochs
-            val = evaluate(eval_model, *d["val"], cfg.tta, cfg.precision) if validated else {}
+            val = evaluate(eval_model, *d["val"], cfg.tta, precision) if validated else {}
             train_loss, train_acc = (sums[:2] / sums[2]).tolist()
             row = {"epoch": epoch, "lr": f"{lr:.6g}", "train_loss": f"{train_loss:.5f}", "train_acc": f"{train_acc:.5f}",
                    **{f"val_{k}": f"{v:.5f}" for k, v in val.items()},    # left empty on an epoch not validated
@@ -303,7 +307,7 @@ def train_locked(cfg, device, paths, resume, log):
             sums = torch.zeros(3, device=device)
             checkpoint("last", epoch=epoch, step_in_epoch=0, epoch_sums=sums.cpu(), finished=epoch == cfg.epochs)
             log(console.epoch_line(row, cfg.epochs, best["val_acc"]))
-    return finish(cfg, d, paths, device, first_batch_loss, elapsed0 + time.time() - t_run, log, compile_s)
+    return finish(cfg, d, paths, device, first_batch_loss, elapsed0 + time.time() - t_run, log, compile_s, precision)
 
 
 def check_first_batch(model, xb, yb, precision, log):
@@ -323,11 +327,11 @@ def check_finite(loss, epoch, step, lr, paths):
                        f"is likely too high; {kept}")
 
 
-def finish(cfg, d, paths, device, first_batch_loss, wall_s, log, compile_s=0.0):
+def finish(cfg, d, paths, device, first_batch_loss, wall_s, log, compile_s=0.0, precision="fp32"):
     """Test the best checkpoint once, write the summary JSON, return it."""
     best_ckpt = files.load_checkpoint(paths["best"])
     best_model = model_from(best_ckpt, device)
-    test = evaluate(best_model, *d["test"], cfg.tta, cfg.precision)
+    test = evaluate(best_model, *d["test"], cfg.tta, precision)
     with open(paths["csv"], newline="") as f:
         train_s = sum(float(r["epoch_s"]) for r in csv.DictReader(f))
     summary = {"name": cfg.name, "status": "finished", "best_epoch": best_ckpt["epoch"],
@@ -335,7 +339,7 @@ def finish(cfg, d, paths, device, first_batch_loss, wall_s, log, compile_s=0.0):
                "test_top5": test["top5"],
                "first_batch_loss": first_batch_loss, "params": best_model.num_params(),
                "train_s": round(train_s, 3), "compile_s": round(compile_s, 3), "wall_s": round(wall_s, 3),
-               "device": str(device),
+               "device": str(device), "precision": precision,
                "files": [str(paths[k]) for k in ("csv", "best", "last", "summary")],
                "config": asdict(cfg), "versions": devices.versions()}
     files.write_json(summary, paths["summary"])

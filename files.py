@@ -5,13 +5,20 @@ the lock that keeps two runs from writing the same files, checkpoints read with 
 """
 import contextlib
 import csv
-import fcntl
+import errno
 import json
 import os
 import pickle
 import re
+import time
 import warnings
 from pathlib import Path
+
+try:
+    import fcntl
+except ImportError:         # Windows: a byte-range lock through msvcrt instead of flock
+    fcntl = None
+    import msvcrt
 
 import torch
 
@@ -79,14 +86,36 @@ def run_lock(path, wait=False):
         raise UserError(f"cannot write to {path.parent}: {e.strerror}")
     with f:
         try:
-            fcntl.flock(f, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+            lock(f, wait)
         except BlockingIOError:
             raise UserError(f"another run is writing {path.with_suffix('')}.* (lock {path} is held); "
                             f"wait for it or use another --out")
         except OSError as e:    # ENOSYS, ENOLCK, EOPNOTSUPP: a filesystem without flock (some Lustre and NFS mounts)
             raise UserError(f"cannot lock files in {path.parent}: {e.strerror}; its filesystem may not support "
                             f"file locks (some Lustre or NFS mounts): use a local --out")
-        yield
+        try:
+            yield
+        finally:
+            if fcntl is None:       # note: Windows may keep a lock a while after its file closes
+                f.seek(0)
+                msvcrt.locking(f.fileno(), msvcrt.LK_UNLCK, 1)
+
+
+def lock(f, wait):
+    """flock f, or on Windows lock its first byte; BlockingIOError when another process holds it and not wait."""
+    if fcntl is not None:
+        fcntl.flock(f, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        return
+    f.seek(0)
+    while True:
+        try:
+            return msvcrt.locking(f.fileno(), msvcrt.LK_NBLCK, 1)
+        except OSError as e:    # EACCES: held by another process
+            if e.errno not in (errno.EACCES, errno.EDEADLOCK):
+                raise
+            if not wait:
+                raise BlockingIOError(e.errno, e.strerror) from e
+            time.sleep(0.1)
 
 
 # ----------------------------------------------------------------------------

@@ -16,7 +16,7 @@ import data
 import devices
 import engine
 import files
-from config import UserError
+from config import CHOICES, UserError
 
 
 def evaluate_checkpoint(path, split="test", tta=None, data_dir=None, device="auto"):
@@ -40,7 +40,7 @@ def evaluate_checkpoint(path, split="test", tta=None, data_dir=None, device="aut
     model = engine.model_from(ckpt, device)
     d = data.load(cfg, device)
     x, y = d[split]
-    logits = engine.predict(model, x, tta, cfg.precision)
+    logits = engine.predict(model, x, tta, devices.pick_precision(cfg, device)[0])
     result = {"checkpoint": str(path), "name": cfg.name, "weights": weights, "last": last, "split": split, "tta": tta,
               "n": len(y), **engine.metrics(logits, y), "epoch": ckpt.get("epoch"),
               "val_acc_at_save": ckpt.get("metrics", {}).get("val_acc")}
@@ -71,7 +71,7 @@ def main():
     p.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None,
                    help="average with horizontally flipped images (default: as the run was configured)")
     p.add_argument("--data-dir", help="folder holding cifar-100-python/ (default: the run's, $CIFAR100_ROOT or ./data)")
-    p.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"])
+    p.add_argument("--device", default="auto", choices=CHOICES["device"])
     args = p.parse_args()
     try:
         r = evaluate_checkpoint(args.checkpoint, args.split, args.tta, args.data_dir, args.device)

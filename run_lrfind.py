@@ -35,6 +35,8 @@ def lr_sweep(model, cfg, x, y, beta=0.9, log=lambda line: None):
     cfg.progress_s seconds."""
     model = copy.deepcopy(model)        # the caller's model keeps its weights
     opt = optim.make_optimizer(model, cfg)
+    precision = devices.pick_precision(cfg, x.device)[0]
+    scaler = devices.grad_scaler(x.device, precision)
     step_model = devices.compile_model(model, cfg) if devices.use_compile(cfg, x.device) else model
     batches = (b for epoch in itertools.count() for b in data.train_batches(x, y, cfg, epoch))
     start, end, iters = cfg.lrfind_start, cfg.lrfind_end, cfg.lrfind_iters
@@ -42,7 +44,7 @@ def lr_sweep(model, cfg, x, y, beta=0.9, log=lambda line: None):
     tick, t0 = console.progress(cfg, x.device, iters, 0, log), time.time()
     for i, (xb, yb) in zip(range(iters), batches):
         lr = start * (end / start) ** (i / max(1, iters - 1))
-        loss = engine.train_step(step_model, opt, xb, yb, cfg, lr)[0].item()   # note: a host sync every step
+        loss = engine.train_step(step_model, opt, xb, yb, cfg, lr, precision, scaler)[0].item()   # note: a host sync
         if not math.isfinite(loss):
             stop = f"loss {loss} at lr {lr:.2e}"
             break

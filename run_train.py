@@ -22,7 +22,7 @@ def get_args_parser(add_help=True):
     p.add_argument("--epochs", type=int, help="number of epochs")
     p.add_argument("--data-dir", help="folder holding cifar-100-python/ (default: $CIFAR100_ROOT or ./data)")
     p.add_argument("--out", dest="out_dir", help="output folder (default: out)")
-    p.add_argument("--device", choices=["auto", "cuda", "cpu"])
+    p.add_argument("--device", choices=config.CHOICES["device"], help="default auto: cuda, xpu or mps where there, else cpu")
     p.add_argument("--compile", action="store_const", const="on", help="force torch.compile (default: on CUDA only)")
     p.add_argument("--no-compile", dest="compile", action="store_const", const="off", help="never torch.compile")
     p.add_argument("--seed", type=int, help="training seed (never changes the 45k/5k split)")

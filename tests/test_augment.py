@@ -108,9 +108,9 @@ def test_a_run_with_mixup_cutmix_and_trivialaugment_trains_on_soft_targets(tmp_p
                                    ("auto_augment", "ta_wide")])
     real_step, targets = engine.train_step, []
 
-    def step(model, opt, x, y, cfg, lr):
+    def step(model, opt, x, y, cfg, lr, *precision_and_scaler):
         targets.append(y.shape)
-        return real_step(model, opt, x, y, cfg, lr)
+        return real_step(model, opt, x, y, cfg, lr, *precision_and_scaler)
     monkeypatch.setattr(engine, "train_step", step)
     summary = engine.train(cfg, log=lambda line: None)
     assert summary["best_val_acc"] > 0.02 and summary["status"] == "finished"

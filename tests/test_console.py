@@ -41,7 +41,7 @@ def test_first_line_names_experiment_model_device_work_and_files(data_dir, tmp_p
     params = ResNet([1, 1], [16, 32]).num_params()
     threads = torch.get_num_threads()
     assert re.fullmatch(rf"smoke \| ResNet blocks \[1,1\] channels \[16,32\], {params:,} params \| "
-                        rf"cpu \({threads} threads?\) \| 1 epochs x 8 steps of batch 32 \| "
+                        rf"cpu \({threads} threads?, auto (fp32|bf16): [^|]*\) \| 1 epochs x 8 steps of batch 32 \| "
                         rf"files {re.escape(str(tmp_path / 'smoke'))}\.\*", lines[0]), lines[0]
     assert lines[1].startswith("first-batch loss") and not any(line.startswith("{") for line in lines)
     assert json.loads((tmp_path / "smoke.json").read_text())["config"]["batch_size"] == 32     # the config is there
@@ -49,7 +49,7 @@ def test_first_line_names_experiment_model_device_work_and_files(data_dir, tmp_p
 
 def test_first_line_names_a_patch_stem_and_bf16_on_cpu(data_dir, tmp_path):
     line = train_lines(tmp_path, data_dir, ("stem_stride", 2), ("precision", "bf16"))[0]
-    assert "channels [16,32] patch stem 2, " in line and re.search(r"\| cpu \(\d threads?, bf16\)", line), line
+    assert "channels [16,32] patch stem 2, " in line and re.search(r"\| cpu \(\d threads?, bf16 as set", line), line
 
 
 def test_resumed_run_says_from_where_on_its_first_line(data_dir, tmp_path):
@@ -120,6 +120,7 @@ def test_device_auto_without_a_gpu_says_why(monkeypatch):
     assert "auto found no GPU although torch has CUDA 12.4 (CUDA_VISIBLE_DEVICES='')" in text
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
     assert "(no NVIDIA driver or GPU visible)" in console.device_text(config.Config(device="auto"), cpu)
-    assert re.fullmatch(r"cpu \(\d+ threads?\)", console.device_text(config.Config(device="cpu"), cpu))
+    text = console.device_text(config.Config(device="cpu"), cpu)
+    assert re.fullmatch(r"cpu \(\d+ threads?, auto (fp32|bf16): [^|]*\)", text), text
     monkeypatch.setattr(torch.version, "cuda", None)
     assert "CPU-only build" in console.device_text(config.Config(device="auto"), cpu)
