@@ -65,16 +65,19 @@ def build_model(cfg, num_classes=100, device="cpu"):
 
 
 def train_step(model, opt, x, y, cfg, lr):
-    """One forward/backward/update; returns (loss, correct) as device tensors, no host sync."""
+    """One forward/backward/update; returns (loss, correct, objective) as device tensors, no host sync: loss is the
+    plain cross-entropy of the batch (what val_loss is), objective the loss minimised (with label smoothing)."""
     for group in opt.param_groups:
         group["lr"] = lr
     with devices.autocast(x.device, cfg.precision):
         logits = model(devices.to_model_format(x))
-    loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing)
+    objective = F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing)
     opt.zero_grad(set_to_none=True)
-    loss.backward()
+    objective.backward()
     opt.step()
-    return loss.detach(), (logits.argmax(1) == y).sum()
+    objective = objective.detach()
+    loss = objective if cfg.label_smoothing == 0 else F.cross_entropy(logits.detach().float(), y)  # same logits
+    return loss, (logits.argmax(1) == y).sum(), objective
 
 
 @torch.no_grad()
@@ -207,7 +210,7 @@ def train_locked(cfg, device, paths, resume, log):
     total_steps = steps * cfg.epochs
     epoch, first_step, elapsed0, epoch_s0 = 0, 0, 0.0, 0.0     # epoch_s0: training time of the epoch before a stop
     best = {"val_acc": -1.0, "epoch": 0}
-    sums = torch.zeros(3, device=device)        # loss sum, correct, seen of the epoch so far
+    sums = torch.zeros(4, device=device)        # loss sum, correct, seen, objective sum of the epoch so far
     if state:
         load_weights(model, state["model"], cfg)
         opt.load_state_dict(state["optimizer"])
@@ -216,6 +219,8 @@ def train_locked(cfg, device, paths, resume, log):
         torch.set_rng_state(state["rng"]["torch"])
         epoch, first_step, elapsed0, best = state["epoch"], state["step_in_epoch"], state["elapsed_s"], state["best"]
         sums, epoch_s0 = state["epoch_sums"].to(device), state.get("epoch_s", 0.0)
+        if len(sums) == 3:      # a last.ckpt from before train_objective, whose loss sum was the objective's
+            sums = torch.cat([sums, sums[:1]])
         first_batch_loss = state["first_batch_loss"]
         head = f"resuming {cfg.name} at epoch {epoch + 1} step {first_step} from {paths['last']}"
     else:       # a fresh start: the files of an earlier run of this name go at once (kept as *.old on --resume)
@@ -264,10 +269,11 @@ def train_locked(cfg, device, paths, resume, log):
             lr = optim.lr_at(max(0, epoch * steps + first_step - 1), total_steps, cfg)   # stopped after an epoch's last step
             for i, (x, y) in enumerate(data.train_batches(train_x, train_y, cfg, epoch, first_step), first_step):
                 lr = optim.lr_at(epoch * steps + i, total_steps, cfg)
-                loss, correct = train_step(compiled, opt, x, y, cfg, lr)
+                loss, correct, objective = train_step(compiled, opt, x, y, cfg, lr)
                 sums[0] += loss * len(y)
                 sums[1] += correct
                 sums[2] += len(y)
+                sums[3] += objective * len(y)
                 if ema:
                     update_ema(ema, model, cfg.ema)
                 if device.type == "cpu" or (i + 1) % 100 == 0 or i + 1 == steps:
@@ -288,8 +294,9 @@ def train_locked(cfg, device, paths, resume, log):
             epoch += 1
             validated = epoch % cfg.val_every == 0 or epoch == cfg.epochs
             val = evaluate(eval_model, *d["val"], cfg.tta, cfg.precision) if validated else {}
-            train_loss, train_acc = (sums[:2] / sums[2]).tolist()
+            train_loss, train_acc, _, objective = (sums / sums[2]).tolist()
             row = {"epoch": epoch, "lr": f"{lr:.6g}", "train_loss": f"{train_loss:.5f}", "train_acc": f"{train_acc:.5f}",
+                   "train_objective": f"{objective:.5f}",
                    **{f"val_{k}": f"{v:.5f}" for k, v in val.items()},    # left empty on an epoch not validated
                    "epoch_s": f"{epoch_s:.3f}", "img_per_s": f"{sums[2].item() / epoch_s:.1f}",
                    "elapsed_s": f"{elapsed0 + time.time() - t_run:.3f}"}
@@ -299,7 +306,7 @@ def train_locked(cfg, device, paths, resume, log):
                 best = {"val_acc": val["acc"], "val_loss": val["loss"], "val_top5": val["top5"], "epoch": epoch}
                 checkpoint("best", epoch=epoch, metrics=best)
             first_step, epoch_s0 = 0, 0.0
-            sums = torch.zeros(3, device=device)
+            sums = torch.zeros(4, device=device)
             checkpoint("last", epoch=epoch, step_in_epoch=0, epoch_sums=sums.cpu(), finished=epoch == cfg.epochs)
             log(console.epoch_line(row, cfg.epochs, best["val_acc"]))
     return finish(cfg, d, paths, device, first_batch_loss, elapsed0 + time.time() - t_run, log, compile_s)

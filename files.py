@@ -18,7 +18,7 @@ import torch
 from config import Config, UserError, check_value, validate
 
 FORMAT_VERSION = 1
-CSV_COLUMNS = ["epoch", "lr", "train_loss", "train_acc", "val_loss", "val_acc", "val_top5",
+CSV_COLUMNS = ["epoch", "lr", "train_loss", "train_acc", "train_objective", "val_loss", "val_acc", "val_top5",
                "epoch_s", "img_per_s", "elapsed_s"]
 
 

@@ -1,0 +1,55 @@
+"""Numbers a reader can trust: a training loss comparable with the validation loss, accuracy with and without TTA,
+means over seeds, a run started from a checkpoint's weights, no earlier run ever deleted."""
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import config
+import devices
+import engine
+from fault_helpers import csv_rows, synthetic_data
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    return synthetic_data(tmp_path_factory.mktemp("data"))
+
+
+def small(out, data_dir, *sets, epochs=1):
+    """The tiny smoke config on the CPU: 256 training images, batches of 32 (8 steps an epoch)."""
+    return config.resolve("smoke", [("subset", 256), ("batch_size", 32), ("epochs", epochs), ("device", "cpu"),
+                                     ("data_dir", str(data_dir)), ("out_dir", str(out)), *sets])
+
+
+def quiet(cfg, resume=False):
+    return engine.train(cfg, resume=resume, log=lambda line: None)
+
+
+# ----------------------------------------------------------------------------
+# 1. train_loss is the plain cross-entropy, as val_loss is
+
+def test_train_loss_is_the_plain_cross_entropy_of_the_batches_and_the_smoothed_loss_is_train_objective(
+        data_dir, tmp_path, monkeypatch):
+    real_step, steps = engine.train_step, []
+
+    def recording_step(model, opt, x, y, cfg, lr):
+        with torch.no_grad():       # the step's own forward (train mode, same weights), on a copy
+            logits = copy.deepcopy(model)(devices.to_model_format(x))
+        steps.append([F.cross_entropy(logits, y, label_smoothing=s, reduction="sum") for s in (0.0, 0.3)] + [len(y)])
+        return real_step(model, opt, x, y, cfg, lr)
+    monkeypatch.setattr(engine, "train_step", recording_step)
+    quiet(small(tmp_path, data_dir, ("label_smoothing", 0.3), epochs=2))
+    rows = csv_rows(tmp_path / "smoke.csv")
+    assert len(steps) == 16 and len(rows) == 2          # 8 steps an epoch
+    for row, epoch in zip(rows, (steps[:8], steps[8:])):
+        plain, smoothed, n = torch.tensor(epoch).sum(0)
+        assert float(row["train_loss"]) == pytest.approx(plain / n, abs=2e-5)
+        assert float(row["train_objective"]) == pytest.approx(smoothed / n, abs=2e-5)
+        assert abs(float(row["train_objective"]) - float(row["train_loss"])) > 1e-3     # not the same figure
+
+
+def test_without_label_smoothing_train_loss_and_train_objective_are_the_same_figure(data_dir, tmp_path):
+    quiet(small(tmp_path, data_dir))
+    assert all(r["train_loss"] == r["train_objective"] for r in csv_rows(tmp_path / "smoke.csv"))
