@@ -95,20 +95,19 @@ def update_ema(averaged, model, decay):
 # evaluation
 
 @torch.no_grad()
-def predict(model, x, tta=False, precision="auto", batch_size=1000):
-    """Logits (float32) of every image in uint8 x, optionally averaged with the flipped image's."""
+def predict(model, x, precision="auto", batch_size=1000):
+    """Logits (float32) of every image in uint8 x, in one pass: plain, and averaged with the flipped image's (TTA)."""
     was_training = model.training
     model.eval()
-    out = []
+    plain, tta = [], []
     for xb, _ in data.eval_batches(x, x, batch_size):
         xb = devices.to_model_format(xb)
         with devices.autocast(xb.device, precision):
             logits = model(xb).float()
-            if tta:
-                logits = (logits + model(xb.flip(3)).float()) / 2
-        out.append(logits)
+            plain.append(logits)
+            tta.append((logits + model(xb.flip(3)).float()) / 2)
     model.train(was_training)
-    return torch.cat(out)
+    return torch.cat(plain), torch.cat(tta)
 
 
 def metrics(logits, y):
@@ -119,7 +118,10 @@ def metrics(logits, y):
 
 
 def evaluate(model, x, y, tta=False, precision="auto"):
-    return metrics(predict(model, x, tta, precision), y)
+    """metrics() of the logits the run's tta setting picks, plus top-1 without TTA (acc_plain) and with it (acc_tta)."""
+    plain, flipped = predict(model, x, precision)
+    return {**metrics(flipped if tta else plain, y), "acc_plain": metrics(plain, y)["acc"],
+            "acc_tta": metrics(flipped, y)["acc"]}
 
 
 # ----------------------------------------------------------------------------
@@ -303,7 +305,7 @@ def train_locked(cfg, device, paths, resume, log):
             writer.writerow(row)
             csv_file.flush()
             if val and val["acc"] > best["val_acc"]:
-                best = {"val_acc": val["acc"], "val_loss": val["loss"], "val_top5": val["top5"], "epoch": epoch}
+                best = {**{f"val_{k}": v for k, v in val.items()}, "epoch": epoch}
                 checkpoint("best", epoch=epoch, metrics=best)
             first_step, epoch_s0 = 0, 0.0
             sums = torch.zeros(4, device=device)
@@ -338,7 +340,10 @@ def finish(cfg, d, paths, device, first_batch_loss, wall_s, log, compile_s=0.0):
         train_s = sum(float(r["epoch_s"]) for r in csv.DictReader(f))
     summary = {"name": cfg.name, "status": "finished", "best_epoch": best_ckpt["epoch"],
                "best_val_acc": best_ckpt["metrics"]["val_acc"], "test_loss": test["loss"], "test_acc": test["acc"],
-               "test_top5": test["top5"],
+               "test_top5": test["top5"],      # test_acc, best_val_acc: with flip TTA where tta is on; *_plain, *_tta: both
+               "best_val_acc_plain": best_ckpt["metrics"].get("val_acc_plain"),
+               "best_val_acc_tta": best_ckpt["metrics"].get("val_acc_tta"),
+               "test_acc_plain": test["acc_plain"], "test_acc_tta": test["acc_tta"],
                "first_batch_loss": first_batch_loss, "params": best_model.num_params(),
                "train_s": round(train_s, 3), "compile_s": round(compile_s, 3), "wall_s": round(wall_s, 3),
                "device": str(device),

@@ -19,7 +19,7 @@ from config import Config, UserError, check_value, validate
 
 FORMAT_VERSION = 1
 CSV_COLUMNS = ["epoch", "lr", "train_loss", "train_acc", "train_objective", "val_loss", "val_acc", "val_top5",
-               "epoch_s", "img_per_s", "elapsed_s"]
+               "val_acc_plain", "val_acc_tta", "epoch_s", "img_per_s", "elapsed_s"]
 
 
 def run_paths(cfg):

@@ -40,9 +40,11 @@ def evaluate_checkpoint(path, split="test", tta=None, data_dir=None, device="aut
     model = engine.model_from(ckpt, device)
     d = data.load(cfg, device)
     x, y = d[split]
-    logits = engine.predict(model, x, tta, cfg.precision)
+    plain, flipped = engine.predict(model, x, cfg.precision)
+    logits = flipped if tta else plain
     result = {"checkpoint": str(path), "name": cfg.name, "weights": weights, "last": last, "split": split, "tta": tta,
-              "n": len(y), **engine.metrics(logits, y), "epoch": ckpt.get("epoch"),
+              "n": len(y), **engine.metrics(logits, y), "acc_plain": engine.metrics(plain, y)["acc"],
+              "acc_tta": engine.metrics(flipped, y)["acc"], "epoch": ckpt.get("epoch"),
               "val_acc_at_save": ckpt.get("metrics", {}).get("val_acc")}
     n_classes = len(d["classes"])
     majority = torch.bincount(d["train"][1], minlength=n_classes).argmax()
@@ -81,7 +83,8 @@ def main():
     except OSError as e:       # a read-only or full folder beside the checkpoint
         sys.exit(f"error: cannot write {e.filename2 or e.filename}: {e.strerror}")
     print(f"{r['name']} {r['weights']} | {r['split']} n={r['n']} tta={r['tta']} | loss {r['loss']:.4f} | "
-          f"top-1 {100 * r['acc']:.2f}% | top-5 {100 * r['top5']:.2f}%")
+          f"top-1 {100 * r['acc']:.2f}% | top-5 {100 * r['top5']:.2f}% | "
+          f"top-1 without TTA {100 * r['acc_plain']:.2f}%, with flip TTA {100 * r['acc_tta']:.2f}%")
     b = r["baselines"]
     print(f"baselines | majority class ({b['majority_class']['class']}) {100 * b['majority_class']['acc']:.2f}% | "
           f"uniform random {100 * b['uniform_random']['acc']:.2f}% (loss {b['uniform_random']['loss']:.4f})")

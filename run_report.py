@@ -36,6 +36,15 @@ def pct(x):
     return f"{100 * float(x):.2f}%"
 
 
+def pct_or_dash(x):
+    """pct, or '-' where a file from before that figure was recorded lacks it."""
+    return "-" if x in (None, "") else pct(x)
+
+
+def tta_name(tta):
+    return "flip TTA" if tta else "no TTA"
+
+
 def table(headers, rows):
     return [f"| {' | '.join(headers)} |", f"|{' --- |' * len(headers)}"] + \
            [f"| {' | '.join(str(v) for v in row)} |" for row in rows] + [""]
@@ -161,7 +170,7 @@ def build(out, exps, grid, compare, report_path):
         md += table(["predictor", f"{evals[done[0]]['split']} accuracy"],
                     [[f"majority class ({b['majority_class']['class']})", pct(b["majority_class"]["acc"])],
                      ["uniform random", pct(b["uniform_random"]["acc"])]] +
-                    [[f"model `{e}`", pct(evals[e]["acc"])] for e in done])
+                    [[f"model `{e}` ({tta_name(evals[e]['tta'])})", pct(evals[e]["acc"])] for e in done])
         md += [f"(from `{out}/{done[0]}.eval.json`)", ""]
     else:
         md += not_run("baselines", f"python run_eval.py {out}/{first}.ckpt")
@@ -238,9 +247,10 @@ def build(out, exps, grid, compare, report_path):
         md += not_run("two runs to compare", "python run_report.py --exp A B --compare A,B")
 
     md += ["## 10. Test", ""]
-    rows = [[e, pct(evals[e]["acc"]), pct(evals[e]["top5"]), f"{evals[e]['loss']:.4f}", evals[e]["tta"], evals[e]["epoch"]]
-            for e in done]
-    md += table(["run", "test top-1", "test top-5", "test loss", "flip TTA", "epoch"], rows) + \
+    rows = [[e, pct(evals[e]["acc"]), pct_or_dash(evals[e].get("acc_plain")), pct_or_dash(evals[e].get("acc_tta")),
+             pct(evals[e]["top5"]), f"{evals[e]['loss']:.4f}", tta_name(evals[e]["tta"]), evals[e]["epoch"]] for e in done]
+    md += table(["run", "test top-1", "top-1 without TTA", "top-1 with flip TTA", "test top-5", "test loss",
+                 "top-1, top-5 and loss", "epoch"], rows) + \
         [f"(from `{out}/<run>.eval.json`)", ""] if rows else not_run("the test evaluation", f"python run_eval.py {out}/{first}.ckpt")
     return md
 

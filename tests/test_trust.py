@@ -1,14 +1,20 @@
 """Numbers a reader can trust: a training loss comparable with the validation loss, accuracy with and without TTA,
 means over seeds, a run started from a checkpoint's weights, no earlier run ever deleted."""
 import copy
+import json
+import sys
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 import config
+import console
+import data
 import devices
 import engine
+import files
+import run_eval
 from fault_helpers import csv_rows, synthetic_data
 
 
@@ -53,3 +59,39 @@ def test_train_loss_is_the_plain_cross_entropy_of_the_batches_and_the_smoothed_l
 def test_without_label_smoothing_train_loss_and_train_objective_are_the_same_figure(data_dir, tmp_path):
     quiet(small(tmp_path, data_dir))
     assert all(r["train_loss"] == r["train_objective"] for r in csv_rows(tmp_path / "smoke.csv"))
+
+
+# ----------------------------------------------------------------------------
+# 2. top-1 with and without TTA, recorded apart
+
+def top1(model, x, y, flip):
+    """Top-1 of model on uint8 images x, computed here without the engine: plain, or averaged with the flip."""
+    model.eval()
+    with torch.no_grad():
+        xb = devices.to_model_format(data.normalize(x))
+        logits = model(xb) if not flip else (model(xb) + model(xb.flip(3))) / 2
+    return (logits.argmax(1) == y).float().mean().item()
+
+
+@pytest.mark.parametrize("tta", [True, False])
+def test_every_evaluation_records_top1_without_and_with_flip_tta(data_dir, tmp_path, monkeypatch, capsys, tta):
+    cfg = small(tmp_path, data_dir, ("tta", tta))
+    s = quiet(cfg)
+    model = engine.model_from(files.load_checkpoint(tmp_path / "smoke.ckpt"))
+    d = data.load(cfg, torch.device("cpu"))
+    test = {"plain": top1(model, *d["test"], flip=False), "tta": top1(model, *d["test"], flip=True)}
+    assert (s["test_acc_plain"], s["test_acc_tta"]) == (pytest.approx(test["plain"]), pytest.approx(test["tta"]))
+    assert s["test_acc"] == s["test_acc_tta" if tta else "test_acc_plain"]
+    row = csv_rows(tmp_path / "smoke.csv")[0]
+    assert s["best_val_acc_plain"] == pytest.approx(top1(model, *d["val"], flip=False))
+    assert (row["val_acc_plain"], row["val_acc_tta"]) == (f"{s['best_val_acc_plain']:.5f}", f"{s['best_val_acc_tta']:.5f}")
+    assert row["val_acc"] == row["val_acc_tta" if tta else "val_acc_plain"]
+    which = f"(flip TTA; {100 * test['plain']:.2f}% without)" if tta else f"(no TTA; {100 * test['tta']:.2f}% with"
+    assert f"test {100 * s['test_acc']:.2f}% {which}" in console.done_line(s)
+
+    monkeypatch.setattr(sys, "argv", ["run_eval.py", str(tmp_path / "smoke.ckpt"), "--data-dir", str(data_dir)])
+    run_eval.main()
+    printed = capsys.readouterr().out.splitlines()[0]
+    result = json.loads((tmp_path / "smoke.eval.json").read_text())
+    assert (result["acc_plain"], result["acc_tta"], result["acc"]) == (s["test_acc_plain"], s["test_acc_tta"], s["test_acc"])
+    assert printed.endswith(f"top-1 without TTA {100 * test['plain']:.2f}%, with flip TTA {100 * test['tta']:.2f}%")
