@@ -224,16 +224,15 @@ def train_locked(cfg, device, paths, resume, log):
         if len(sums) == 3:      # a last.ckpt from before train_objective, whose loss sum was the objective's
             sums = torch.cat([sums, sums[:1]])
         first_batch_loss = state["first_batch_loss"]
+        started = files.start_time(paths["summary"]) or files.now()
         head = f"resuming {cfg.name} at epoch {epoch + 1} step {first_step} from {paths['last']}"
-    else:       # a fresh start: the files of an earlier run of this name go at once (kept as *.old on --resume)
-        earlier = files.earlier_run(cfg)
-        for path in earlier:
-            if resume:
-                path.replace(path.with_name(path.name + ".old"))
-            else:
-                path.unlink()
-        kept = "; the files found there are kept as *.old" if resume and earlier else ""
-        head = f"{cfg.name} from scratch (no {paths['last']} to resume from{kept})" if resume else cfg.name
+    else:       # a fresh start: the files of an earlier run of this name move, whole, under <out>/old/
+        old, started = files.retire_earlier_run(cfg), files.now()
+        if resume:
+            moved = f"; the files found there moved to {old}/" if old else ""
+            head = f"{cfg.name} from scratch (no {paths['last']} to resume from{moved})"
+        else:
+            head = f"{cfg.name} (the earlier run's files moved to {old}/)" if old else cfg.name
     log(console.run_line(head, cfg, model, device, f"{cfg.epochs} epochs x {steps} steps of batch {cfg.batch_size}",
                          console.files_of(cfg)))
     first_batch = next(data.train_batches(train_x, train_y, cfg, epoch=0))    # note: augments a whole epoch, so once
@@ -245,7 +244,7 @@ def train_locked(cfg, device, paths, resume, log):
         compiled = devices.compile_model(model, cfg)
         compile_s = warm_up(model, cfg, *first_batch)
         log(f"compiled in {compile_s:.1f}s (kept apart from training time)")
-    files.write_json({"name": cfg.name, "status": "started", "params": model.num_params(),
+    files.write_json({"name": cfg.name, "status": "started", "started": started, "params": model.num_params(),
                       "first_batch_loss": first_batch_loss, "device": str(device), "config": asdict(cfg),
                       "versions": devices.versions()}, paths["summary"])
     csv_file = files.open_csv(paths["csv"], epoch)
@@ -338,7 +337,8 @@ def finish(cfg, d, paths, device, first_batch_loss, wall_s, log, compile_s=0.0):
     test = evaluate(best_model, *d["test"], cfg.tta, cfg.precision)
     with open(paths["csv"], newline="") as f:
         train_s = sum(float(r["epoch_s"]) for r in csv.DictReader(f))
-    summary = {"name": cfg.name, "status": "finished", "best_epoch": best_ckpt["epoch"],
+    summary = {"name": cfg.name, "status": "finished", "started": files.start_time(paths["summary"]),
+               "best_epoch": best_ckpt["epoch"],
                "best_val_acc": best_ckpt["metrics"]["val_acc"], "test_loss": test["loss"], "test_acc": test["acc"],
                "test_top5": test["top5"],      # test_acc, best_val_acc: with flip TTA where tta is on; *_plain, *_tta: both
                "best_val_acc_plain": best_ckpt["metrics"].get("val_acc_plain"),

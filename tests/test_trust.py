@@ -1,7 +1,9 @@
 """Numbers a reader can trust: a training loss comparable with the validation loss, accuracy with and without TTA,
 means over seeds, a run started from a checkpoint's weights, no earlier run ever deleted."""
 import copy
+import datetime
 import json
+import os
 import sys
 
 import pytest
@@ -15,7 +17,8 @@ import devices
 import engine
 import files
 import run_eval
-from fault_helpers import csv_rows, synthetic_data
+import run_train
+from fault_helpers import SMALL, csv_rows, snapshot, synthetic_data
 
 
 @pytest.fixture(scope="module")
@@ -95,3 +98,39 @@ def test_every_evaluation_records_top1_without_and_with_flip_tta(data_dir, tmp_p
     result = json.loads((tmp_path / "smoke.eval.json").read_text())
     assert (result["acc_plain"], result["acc_tta"], result["acc"]) == (s["test_acc_plain"], s["test_acc_tta"], s["test_acc"])
     assert printed.endswith(f"top-1 without TTA {100 * test['plain']:.2f}%, with flip TTA {100 * test['tta']:.2f}%")
+
+
+# ----------------------------------------------------------------------------
+# 5. no run deleted: a fresh start moves the earlier run's files under <out>/old/
+
+def test_the_same_command_twice_leaves_the_first_runs_files_whole_under_old(data_dir, tmp_path, monkeypatch, capsys):
+    argv = ["run_train.py", *SMALL, "--epochs", "1", "--data-dir", str(data_dir), "--out", str(tmp_path)]
+    monkeypatch.setattr(sys, "argv", argv)
+    monkeypatch.setattr(engine, "install_stop_handlers", lambda: None)
+    run_train.main()
+    first = snapshot(tmp_path)
+    started = json.loads((tmp_path / "smoke.json").read_text())["started"]
+    capsys.readouterr()
+    run_train.main()
+    folder = tmp_path / "old" / f"smoke-{datetime.datetime.fromisoformat(started):%Y%m%d-%H%M%S}"
+    assert capsys.readouterr().out.startswith(f"smoke (the earlier run's files moved to {folder}/) | ResNet")
+    assert snapshot(folder) == first and list((tmp_path / "old").iterdir()) == [folder]
+    assert json.loads((tmp_path / "smoke.json").read_text())["status"] == "finished"       # the second run's
+
+
+def test_an_earlier_runs_folder_is_named_by_its_start_time_and_never_reused(tmp_path):
+    cfg = config.resolve("smoke", [("out_dir", str(tmp_path))])
+
+    def earlier_run(record):
+        (tmp_path / "smoke.csv").write_text("epoch\n")
+        (tmp_path / "smoke.json").write_text(json.dumps(record))
+    earlier_run({"started": "2026-12-01T19:27:05+01:00"})
+    assert files.retire_earlier_run(cfg) == tmp_path / "old" / "smoke-20261201-192705"
+    earlier_run({"started": "2026-12-01T19:27:05+01:00"})
+    assert files.retire_earlier_run(cfg) == tmp_path / "old" / "smoke-20261201-192705-2"
+    earlier_run({"status": "started"})       # a record from before "started" was kept: the oldest file's time
+    t = datetime.datetime(2026, 11, 29, 8, 0, 1).timestamp()
+    os.utime(tmp_path / "smoke.csv", (t, t))
+    assert files.retire_earlier_run(cfg) == tmp_path / "old" / "smoke-20261129-080001"
+    assert files.retire_earlier_run(cfg) is None and not list(tmp_path.glob("smoke.*"))
+    assert sorted(p.name for p in (tmp_path / "old" / "smoke-20261129-080001").iterdir()) == ["smoke.csv", "smoke.json"]
