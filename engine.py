@@ -135,6 +135,22 @@ def model_from(ckpt, device="cpu"):
     return model
 
 
+def init_weights(cfg):
+    """The weights checkpoint cfg.init holds, to start a run from (as timm's --initial-checkpoint: weights only, the
+    optimizer and schedule start afresh): a best .ckpt's, or a .last.ckpt's (its EMA weights where it had EMA)."""
+    try:
+        ckpt = files.load_checkpoint(cfg.init)
+        theirs = files.config_from(ckpt)
+    except UserError as e:
+        raise UserError(f"config key 'init': {e}")
+    arch = ("blocks", "channels", "stem_stride")
+    mine, its = (" ".join(f"{k} {getattr(c, k)}" for k in arch) for c in (cfg, theirs))
+    if mine != its:
+        raise UserError(f"config key 'init': {cfg.init} holds another architecture ({its}) than this run ({mine}): "
+                        f"give the run the checkpoint's")
+    return files.trained_weights(ckpt)
+
+
 def load_weights(model, state_dict, cfg):
     try:
         model.load_state_dict(state_dict)
@@ -202,9 +218,12 @@ def train_locked(cfg, device, paths, resume, log):
             log(f"{cfg.name} already finished ({paths['last']}); nothing to do")
             return summary
 
+    init = init_weights(cfg) if cfg.init and not state else None      # checked before anything is moved or read
     d = data.load(cfg, device)
     train_x, train_y = d["train"]
     model = build_model(cfg, len(d["classes"]), device)
+    if init:
+        load_weights(model, init, cfg)
     opt = optim.make_optimizer(model, cfg)
     ema = copy.deepcopy(model) if cfg.ema else None     # weights and BN statistics, updated by update_ema
     eval_model = ema if ema is not None else model
@@ -228,16 +247,17 @@ def train_locked(cfg, device, paths, resume, log):
         head = f"resuming {cfg.name} at epoch {epoch + 1} step {first_step} from {paths['last']}"
     else:       # a fresh start: the files of an earlier run of this name move, whole, under <out>/old/
         old, started = files.retire_earlier_run(cfg), files.now()
+        start = f" from the weights of {cfg.init}" if cfg.init else " from scratch" if resume else ""
         if resume:
             moved = f"; the files found there moved to {old}/" if old else ""
-            head = f"{cfg.name} from scratch (no {paths['last']} to resume from{moved})"
+            head = f"{cfg.name}{start} (no {paths['last']} to resume from{moved})"
         else:
-            head = f"{cfg.name} (the earlier run's files moved to {old}/)" if old else cfg.name
+            head = f"{cfg.name}{start}" + (f" (the earlier run's files moved to {old}/)" if old else "")
     log(console.run_line(head, cfg, model, device, f"{cfg.epochs} epochs x {steps} steps of batch {cfg.batch_size}",
                          console.files_of(cfg)))
     first_batch = next(data.train_batches(train_x, train_y, cfg, epoch=0))    # note: augments a whole epoch, so once
     if not state:
-        first_batch_loss = check_first_batch(model, *first_batch, cfg.precision, log)
+        first_batch_loss = check_first_batch(model, *first_batch, cfg.precision, log, cfg.init)
     t_run = time.time()
     compiled, compile_s = model, 0.0
     if devices.use_compile(cfg, device):
@@ -313,13 +333,15 @@ def train_locked(cfg, device, paths, resume, log):
     return finish(cfg, d, paths, device, first_batch_loss, elapsed0 + time.time() - t_run, log, compile_s)
 
 
-def check_first_batch(model, xb, yb, precision, log):
-    """Loss of the first training batch before any update, on a copy (about ln(classes) when all is well)."""
+def check_first_batch(model, xb, yb, precision, log, init=""):
+    """Loss of the first training batch before any update, on a copy (about ln(classes) when all is well, unless the
+    weights come from checkpoint init)."""
     probe = copy.deepcopy(model)
     with torch.no_grad(), devices.autocast(xb.device, precision):
         loss = F.cross_entropy(probe(devices.to_model_format(xb)).float(), yb).item()
     n_classes = model.fc.out_features
-    log(f"first-batch loss {loss:.3f} (expected about ln {n_classes} = {math.log(n_classes):.3f})")
+    expected = f"from the weights of {init}" if init else f"expected about ln {n_classes} = {math.log(n_classes):.3f}"
+    log(f"first-batch loss {loss:.3f} ({expected})")
     return loss
 
 

@@ -163,6 +163,12 @@ def load_checkpoint(path):
     return ckpt
 
 
+def trained_weights(ckpt):
+    """The weights a checkpoint is evaluated and fine-tuned with: a best .ckpt's (EMA weights where its run had EMA),
+    or those of a .last.ckpt's save (its EMA copy where the run had EMA)."""
+    return ckpt["ema"] if "optimizer" in ckpt and ckpt["config"].get("ema") else ckpt["model"]
+
+
 def config_from(ckpt):
     values = {k: check_value(k, v) for k, v in ckpt["config"].items()}
     return validate(Config(**values))

@@ -34,7 +34,7 @@ def evaluate_checkpoint(path, split="test", tta=None, data_dir=None, device="aut
         step = ckpt.get("step_in_epoch", 0)
         when = f"epoch {ckpt['epoch'] + 1} step {step}" if step else f"end of epoch {ckpt['epoch']}"
         weights = f"last checkpoint, {when} ({averaged} weights, not the best epoch's)"
-        ckpt = {**ckpt, "model": ckpt["ema"] if cfg.ema else ckpt["model"]}
+        ckpt = {**ckpt, "model": files.trained_weights(ckpt)}
     else:
         weights = f"best epoch {ckpt.get('epoch')} ({averaged} weights)"
     model = engine.model_from(ckpt, device)

@@ -16,9 +16,10 @@ import data
 import devices
 import engine
 import files
+import optim
 import run_eval
 import run_train
-from fault_helpers import SMALL, csv_rows, snapshot, synthetic_data
+from fault_helpers import SMALL, csv_rows, main_error, snapshot, synthetic_data
 
 
 @pytest.fixture(scope="module")
@@ -134,3 +135,63 @@ def test_an_earlier_runs_folder_is_named_by_its_start_time_and_never_reused(tmp_
     assert files.retire_earlier_run(cfg) == tmp_path / "old" / "smoke-20261129-080001"
     assert files.retire_earlier_run(cfg) is None and not list(tmp_path.glob("smoke.*"))
     assert sorted(p.name for p in (tmp_path / "old" / "smoke-20261129-080001").iterdir()) == ["smoke.csv", "smoke.json"]
+
+
+# ----------------------------------------------------------------------------
+# 4. init=PATH: a fresh run from a checkpoint's weights
+
+class FirstStep(Exception):
+    """Raised by the patched step once it has seen what the run starts from."""
+
+
+def first_step_of(cfg, monkeypatch):
+    """The weights, optimizer state size and LR the first training step of cfg meets (the run stops there)."""
+    def recording_step(model, opt, x, y, cfg, lr):
+        raise FirstStep({k: v.clone() for k, v in model.state_dict().items()}, len(opt.state), lr)
+    monkeypatch.setattr(engine, "train_step", recording_step)
+    with pytest.raises(FirstStep) as e:
+        quiet(cfg)
+    monkeypatch.undo()
+    return e.value.args
+
+
+@pytest.fixture(scope="module")
+def ema_run(data_dir, tmp_path_factory):
+    """A finished 1-epoch smoke run with weight EMA: its best .ckpt holds EMA weights, its .last.ckpt both."""
+    out = tmp_path_factory.mktemp("ema")
+    quiet(small(out, data_dir, ("ema", 0.9)))
+    return out
+
+
+@pytest.mark.parametrize("ckpt, weights", [("smoke.ckpt", "model"), ("smoke.last.ckpt", "ema")])
+def test_init_starts_from_the_checkpoints_weights_with_a_fresh_optimizer_and_schedule(
+        ema_run, data_dir, tmp_path, monkeypatch, ckpt, weights):
+    cfg = small(tmp_path, data_dir, ("name", "tuned"), ("lr", 0.001), ("init", str(ema_run / ckpt)), epochs=2)
+    state, optimizer_state, lr = first_step_of(cfg, monkeypatch)
+    saved = files.load_checkpoint(ema_run / ckpt)[weights]
+    assert state.keys() == saved.keys() and all(torch.equal(state[k], saved[k]) for k in saved)
+    assert optimizer_state == 0 and lr == optim.lr_at(0, 16, cfg)          # step 0 of this run's own schedule
+    lines = []
+    engine.train(cfg, log=lines.append)      # to the end, over the files of the run stopped above
+    assert lines[0].startswith(f"tuned from the weights of {ema_run / ckpt} (the earlier run's files moved to "
+                               f"{tmp_path / 'old'}/tuned-")
+    assert lines[1].endswith(f"(from the weights of {ema_run / ckpt})")
+    assert json.loads((tmp_path / "tuned.json").read_text())["config"]["init"] == str(ema_run / ckpt)
+
+
+@pytest.mark.parametrize("sets, message", [
+    ([("channels", [8, 16])], "config key 'init': {ckpt} holds another architecture (blocks [1, 1] channels [16, 32] "
+                              "stem_stride 1) than this run (blocks [1, 1] channels [8, 16] stem_stride 1)"),
+    ([("stem_stride", 2)], "holds another architecture (blocks [1, 1] channels [16, 32] stem_stride 1)"),
+    ([("init", "{out}/missing.ckpt")], "config key 'init': checkpoint {out}/missing.ckpt not found"),
+])
+def test_init_from_another_architecture_or_no_file_is_one_error_line_and_moves_nothing(
+        ema_run, data_dir, tmp_path, monkeypatch, capsys, sets, message):
+    ckpt = ema_run / "smoke.ckpt"
+    quiet(small(tmp_path, data_dir))
+    before = snapshot(tmp_path)
+    args = [f"{k}={json.dumps(v) if isinstance(v, list) else v}".format(out=tmp_path) for k, v in sets]
+    argv = [*SMALL, "--epochs", "1", "--data-dir", data_dir, "--out", tmp_path, "--set", f"init={ckpt}",
+            *[a for arg in args for a in ("--set", arg)]]
+    assert message.format(ckpt=ckpt, out=tmp_path) in main_error(run_train, argv, monkeypatch, capsys)
+    assert snapshot(tmp_path) == before
