@@ -41,6 +41,12 @@ def pct_or_dash(x):
     return "-" if x in (None, "") else pct(x)
 
 
+def spread(row, key):
+    """'63.08% ± 0.21 (n=3)' from a grid's mean row; no std where one seed is done."""
+    std = f" ± {100 * float(row[key + '_std']):.2f}" if row[key + "_std"] else ""
+    return f"{pct(row[key])}{std} (n={row['n']})"
+
+
 def tta_name(tta):
     return "flip TTA" if tta else "no TTA"
 
@@ -213,10 +219,18 @@ def build(out, exps, grid, compare, report_path):
     md += ["## 7. Grid search", ""]
     grid_rows = read_csv(out / f"{grid}.csv") if grid else None
     if grid_rows:
-        ranked = sorted((r for r in grid_rows if r["best_val_acc"]), key=lambda r: -float(r["best_val_acc"]))
+        ranked = sorted((r for r in grid_rows if r["best_val_acc"] and r["status"] != "mean"),
+                        key=lambda r: -float(r["best_val_acc"]))
         md += table(["rank", "run", "best val acc", "epoch", "params", "train s", "status"],
                     [[i + 1, r["run"], pct(r["best_val_acc"]), r["best_epoch"], r["params"], r["train_s"], r["status"]]
                      for i, r in enumerate(ranked)]) + [f"(from `{out}/{grid}.csv`)", ""]
+        means = [r for r in grid_rows if r["status"] == "mean"]       # a grid over seeds: its configs' spread
+        if means:
+            md += ["The configs that differ only by seed, by mean best validation accuracy (mean ± std over the "
+                   "seeds done, n of them):", ""]
+            md += table(["rank", "config", "best val acc", "test acc", "seeds", "mean train s"],
+                        [[i + 1, r["group"], spread(r, "best_val_acc"), spread(r, "test_acc"), r["seed"], r["train_s"]]
+                         for i, r in enumerate(means)]) + [f"(from `{out}/{grid}.csv`)", ""]
         figure(f"grid_{grid}", f"grid {grid} ranked", f"{out}/{grid}.csv", plot_grid, ranked, grid)
     else:
         md += not_run("a grid", f"python run_grid.py --grid {grid or 'smoke_grid'}")

@@ -4,6 +4,8 @@ import copy
 import datetime
 import json
 import os
+import re
+import statistics
 import sys
 
 import pytest
@@ -18,6 +20,8 @@ import engine
 import files
 import optim
 import run_eval
+import run_grid
+import run_report
 import run_train
 from fault_helpers import SMALL, csv_rows, main_error, snapshot, synthetic_data
 
@@ -195,3 +199,36 @@ def test_init_from_another_architecture_or_no_file_is_one_error_line_and_moves_n
             *[a for arg in args for a in ("--set", arg)]]
     assert message.format(ckpt=ckpt, out=tmp_path) in main_error(run_train, argv, monkeypatch, capsys)
     assert snapshot(tmp_path) == before
+
+
+# ----------------------------------------------------------------------------
+# 3. a grid over seeds: mean +- std (n)
+
+def test_a_grid_over_seeds_gives_mean_and_std_rows_in_its_csv_its_table_and_the_report(
+        data_dir, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(sys, "argv", ["run_grid.py", "--grid", "smoke_seeds", "--set", "subset=256", "--set",
+                                      "batch_size=32", "--device", "cpu", "--data-dir", str(data_dir), "--out", str(tmp_path)])
+    monkeypatch.setattr(engine, "install_stop_handlers", lambda: None)
+    run_grid.main()
+    printed = capsys.readouterr().out
+    rows = csv_rows(tmp_path / "smoke_seeds.csv")
+    configs, means = rows[:6], rows[6:]
+    assert [(r["group"], r["seed"], r["status"]) for r in configs] == \
+        [(f"lr{lr}", str(seed), "done") for lr in (0.002, 0.004) for seed in (0, 1, 2)]
+    assert sorted(m["group"] for m in means) == ["lr0.002", "lr0.004"]
+    assert float(means[0]["best_val_acc"]) >= float(means[1]["best_val_acc"])          # ranked
+    report = "\n".join(run_report.build(tmp_path, ["smoke"], "smoke_seeds", [], tmp_path / "report.md"))
+    for m in means:
+        seeds = [r for r in configs if r["group"] == m["group"]]
+        text = {}
+        for key in ("best_val_acc", "test_acc"):
+            values = [float(r[key]) for r in seeds]
+            assert len(set(values)) > 1 or key == "test_acc"              # the seeds make other runs
+            assert (float(m[key]), float(m[f"{key}_std"])) == (pytest.approx(statistics.mean(values), abs=1e-5),
+                                                                pytest.approx(statistics.stdev(values), abs=1e-5))
+            text[key] = f"{100 * float(m[key]):.2f}", f"{100 * float(m[f'{key}_std']):.2f}"
+        assert (m["status"], m["n"], m["seed"], m["lr"]) == ("mean", "3", "[0, 1, 2]", seeds[0]["lr"])
+        (val, val_std), (test, test_std) = text.values()
+        assert re.search(rf"\n +\d  {m['group']}  +{val} \+- {val_std} \(3\)  +{test} \+- {test_std} \(3\)  \[0, 1, 2\]\n",
+                         printed), printed
+        assert f"| {m['group']} | {val}% ± {val_std} (n=3) | {test}% ± {test_std} (n=3) | [0, 1, 2] |" in report
