@@ -64,9 +64,10 @@ def retire_earlier_run(cfg):
     earlier, summary = earlier_run(cfg), run_paths(cfg)["summary"]
     if not earlier:
         return None
-    started = start_time(summary)
-    when = datetime.datetime.fromisoformat(started) if started else \
-        datetime.datetime.fromtimestamp(min(p.stat().st_mtime for p in earlier))
+    try:
+        when = datetime.datetime.fromisoformat(start_time(summary))
+    except (TypeError, ValueError):     # no record, one from before "started" was kept, or a spoilt one
+        when = datetime.datetime.fromtimestamp(min(p.stat().st_mtime for p in earlier))
     base = Path(cfg.out_dir) / "old" / f"{cfg.name}-{when:%Y%m%d-%H%M%S}"
     folder, n = base, 1
     while True:

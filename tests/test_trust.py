@@ -69,6 +69,21 @@ def test_without_label_smoothing_train_loss_and_train_objective_are_the_same_fig
     assert all(r["train_loss"] == r["train_objective"] for r in csv_rows(tmp_path / "smoke.csv"))
 
 
+def test_a_last_checkpoint_from_before_train_objective_resumes(data_dir, tmp_path):
+    cfg = small(tmp_path, data_dir)
+    engine.stop_requested.append("test")          # stops after the first step
+    try:
+        with pytest.raises(engine.Preempted):
+            quiet(cfg)
+    finally:
+        engine.stop_requested.clear()
+    last = files.load_checkpoint(tmp_path / "smoke.last.ckpt")
+    files.save_checkpoint({**last, "epoch_sums": last["epoch_sums"][:3]}, tmp_path / "smoke.last.ckpt")  # loss, correct, seen
+    assert quiet(cfg, resume=True)["status"] == "finished"
+    [row] = csv_rows(tmp_path / "smoke.csv")
+    assert row["train_loss"] == row["train_objective"]
+
+
 # ----------------------------------------------------------------------------
 # 2. top-1 with and without TTA, recorded apart
 
@@ -133,7 +148,7 @@ def test_an_earlier_runs_folder_is_named_by_its_start_time_and_never_reused(tmp_
     assert files.retire_earlier_run(cfg) == tmp_path / "old" / "smoke-20261201-192705"
     earlier_run({"started": "2026-12-01T19:27:05+01:00"})
     assert files.retire_earlier_run(cfg) == tmp_path / "old" / "smoke-20261201-192705-2"
-    earlier_run({"status": "started"})       # a record from before "started" was kept: the oldest file's time
+    earlier_run({"started": "not a time"})     # a spoilt record, or one from before "started": the oldest file's time
     t = datetime.datetime(2026, 11, 29, 8, 0, 1).timestamp()
     os.utime(tmp_path / "smoke.csv", (t, t))
     assert files.retire_earlier_run(cfg) == tmp_path / "old" / "smoke-20261129-080001"
