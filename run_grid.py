@@ -5,10 +5,12 @@
     python run_grid.py --grid report_grid --list              # the configs with their indices
     python run_grid.py --grid report_grid --index 5           # config 5 only (one SLURM array task)
     python run_grid.py --grid report_grid --epochs 5          # every config for 5 epochs (use another --out)
+    python run_grid.py --grid cpu_seeds --data-dir ~/data     # the cpu recipe over seeds 0, 1, 2: mean +- std
 
 A grid in experiments.json is a base experiment plus a list of values per key; its configs are the
 product of the lists (a one-value list just sets the key). Each run writes out/<grid>/<run>.{csv,ckpt,
-last.ckpt,json}; out/<grid>.csv holds one row per config, updated as each run ends. Running the grid
+last.ckpt,json}; out/<grid>.csv holds one row per config, updated as each run ends (a grid that varies `seed`
+also gets a "mean" row per config but its seed: mean and std (n) of best val and test accuracy). Running the grid
 again skips finished configs and resumes an interrupted one from its last.ckpt. A config that fails for any
 reason gets a `failed` row with the reason and the grid goes on; it then exits with status 1.
 """
