@@ -38,6 +38,8 @@ class Config:
     blocks: list = field(default_factory=lambda: [3, 3, 3])
     channels: list = field(default_factory=lambda: [64, 128, 256])
     stem_stride: int = 1           # 1: the report's 3x3 conv stem; s > 1: an s x s patch conv of stride s (s^2 x fewer pixels)
+    init: str = ""                 # a checkpoint (.ckpt or .last.ckpt) of the same architecture whose weights start
+                                   # a fresh run (fine-tuning); the optimizer and schedule start afresh; "" = random
     # optim
     optimizer: str = "adam"        # "sgd" (momentum, nesterov), "adam" or "adamw"
     lr: float = 0.002              # peak LR

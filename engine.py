@@ -65,17 +65,20 @@ def build_model(cfg, num_classes=100, device="cpu"):
 
 
 def train_step(model, opt, x, y, cfg, lr, precision="fp32", scaler=None):
-    """One forward/backward/update in that precision (fp16 through the GradScaler); returns (loss, correct) as device
-    tensors, no host sync."""
+    """One forward/backward/update in that precision (fp16 through the GradScaler); returns (loss, correct, objective)
+    as device tensors, no host sync: loss is the plain cross-entropy of the batch (what val_loss is), objective the
+    loss minimised (with label smoothing)."""
     for group in opt.param_groups:
         group["lr"] = lr
     with devices.autocast(x.device, precision):
         logits = model(devices.to_model_format(x))
-    loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing)
+    objective = F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing)
     opt.zero_grad(set_to_none=True)
-    devices.backward_step(loss, opt, scaler)
+    devices.backward_step(objective, opt, scaler)
+    objective = objective.detach()
+    loss = objective if cfg.label_smoothing == 0 else F.cross_entropy(logits.detach().float(), y)  # same logits
     hard = y.argmax(1) if y.ndim == 2 else y        # soft (mixed) targets: accuracy against the dominant label
-    return loss.detach(), (logits.argmax(1) == hard).sum()
+    return loss, (logits.argmax(1) == hard).sum(), objective
 
 
 @torch.no_grad()
@@ -93,20 +96,19 @@ def update_ema(averaged, model, decay):
 # evaluation
 
 @torch.no_grad()
-def predict(model, x, tta=False, precision="fp32", batch_size=1000):
-    """Logits (float32) of every image in uint8 x, optionally averaged with the flipped image's."""
+def predict(model, x, precision="fp32", batch_size=1000):
+    """Logits (float32) of every image in uint8 x, in one pass: plain, and averaged with the flipped image's (TTA)."""
     was_training = model.training
     model.eval()
-    out = []
+    plain, tta = [], []
     for xb, _ in data.eval_batches(x, x, batch_size):
         xb = devices.to_model_format(xb)
         with devices.autocast(xb.device, precision):
             logits = model(xb).float()
-            if tta:
-                logits = (logits + model(xb.flip(3)).float()) / 2
-        out.append(logits)
+            plain.append(logits)
+            tta.append((logits + model(xb.flip(3)).float()) / 2)
     model.train(was_training)
-    return torch.cat(out)
+    return torch.cat(plain), torch.cat(tta)
 
 
 def metrics(logits, y):
@@ -117,7 +119,10 @@ def metrics(logits, y):
 
 
 def evaluate(model, x, y, tta=False, precision="fp32"):
-    return metrics(predict(model, x, tta, precision), y)
+    """metrics() of the logits the run's tta setting picks, plus top-1 without TTA (acc_plain) and with it (acc_tta)."""
+    plain, flipped = predict(model, x, precision)
+    return {**metrics(flipped if tta else plain, y), "acc_plain": metrics(plain, y)["acc"],
+            "acc_tta": metrics(flipped, y)["acc"]}
 
 
 # ----------------------------------------------------------------------------
@@ -129,6 +134,22 @@ def model_from(ckpt, device="cpu"):
     model = build_model(cfg, len(ckpt.get("classes") or []) or 100, device)
     load_weights(model, ckpt["model"], cfg)
     return model
+
+
+def init_weights(cfg):
+    """The weights checkpoint cfg.init holds, to start a run from (as timm's --initial-checkpoint: weights only, the
+    optimizer and schedule start afresh): a best .ckpt's, or a .last.ckpt's (its EMA weights where it had EMA)."""
+    try:
+        ckpt = files.load_checkpoint(cfg.init)
+        theirs = files.config_from(ckpt)
+    except UserError as e:
+        raise UserError(f"config key 'init': {e}")
+    arch = ("blocks", "channels", "stem_stride")
+    mine, its = (" ".join(f"{k} {getattr(c, k)}" for k in arch) for c in (cfg, theirs))
+    if mine != its:
+        raise UserError(f"config key 'init': {cfg.init} holds another architecture ({its}) than this run ({mine}): "
+                        f"give the run the checkpoint's")
+    return files.trained_weights(ckpt)
 
 
 def load_weights(model, state_dict, cfg):
@@ -199,9 +220,12 @@ def train_locked(cfg, device, paths, resume, log):
             log(f"{cfg.name} already finished ({paths['last']}); nothing to do")
             return summary
 
+    init = init_weights(cfg) if cfg.init and not state else None      # checked before anything is moved or read
     d = data.load(cfg, device)
     train_x, train_y = d["train"]
     model = build_model(cfg, len(d["classes"]), device)
+    if init:
+        load_weights(model, init, cfg)
     opt = optim.make_optimizer(model, cfg)
     precision = devices.pick_precision(cfg, device)[0]      # cfg.precision (auto) is what checkpoints keep
     scaler = devices.grad_scaler(device, precision)
@@ -211,7 +235,7 @@ def train_locked(cfg, device, paths, resume, log):
     total_steps = steps * cfg.epochs
     epoch, first_step, elapsed0, epoch_s0 = 0, 0, 0.0, 0.0     # epoch_s0: training time of the epoch before a stop
     best = {"val_acc": -1.0, "epoch": 0}
-    sums = torch.zeros(3, device=device)        # loss sum, correct, seen of the epoch so far
+    sums = torch.zeros(4, device=device)        # loss sum, correct, seen, objective sum of the epoch so far
     if state:
         load_weights(model, state["model"], cfg)
         opt.load_state_dict(state["optimizer"])
@@ -222,29 +246,31 @@ def train_locked(cfg, device, paths, resume, log):
         torch.set_rng_state(state["rng"]["torch"])
         epoch, first_step, elapsed0, best = state["epoch"], state["step_in_epoch"], state["elapsed_s"], state["best"]
         sums, epoch_s0 = state["epoch_sums"].to(device), state.get("epoch_s", 0.0)
+        if len(sums) == 3:      # a last.ckpt from before train_objective, whose loss sum was the objective's
+            sums = torch.cat([sums, sums[:1]])
         first_batch_loss = state["first_batch_loss"]
+        started = files.start_time(paths["summary"]) or files.now()
         head = f"resuming {cfg.name} at epoch {epoch + 1} step {first_step} from {paths['last']}"
-    else:       # a fresh start: the files of an earlier run of this name go at once (kept as *.old on --resume)
-        earlier = files.earlier_run(cfg)
-        for path in earlier:
-            if resume:
-                path.replace(path.with_name(path.name + ".old"))
-            else:
-                path.unlink()
-        kept = "; the files found there are kept as *.old" if resume and earlier else ""
-        head = f"{cfg.name} from scratch (no {paths['last']} to resume from{kept})" if resume else cfg.name
+    else:       # a fresh start: the files of an earlier run of this name move, whole, under <out>/old/
+        old, started = files.retire_earlier_run(cfg), files.now()
+        start = f" from the weights of {cfg.init}" if cfg.init else " from scratch" if resume else ""
+        if resume:
+            moved = f"; the files found there moved to {old}/" if old else ""
+            head = f"{cfg.name}{start} (no {paths['last']} to resume from{moved})"
+        else:
+            head = f"{cfg.name}{start}" + (f" (the earlier run's files moved to {old}/)" if old else "")
     log(console.run_line(head, cfg, model, device, f"{cfg.epochs} epochs x {steps} steps of batch {cfg.batch_size}",
                          console.files_of(cfg)))
-    first_batch = next(data.train_batches(train_x, train_y, cfg, epoch=0))    # note: augments a whole epoch, so once
+    first_batch = next(data.train_batches(train_x, train_y, cfg, 0, num_classes=len(d["classes"])))    # note: augments a whole epoch, so once
     if not state:
-        first_batch_loss = check_first_batch(model, *first_batch, precision, log)
+        first_batch_loss = check_first_batch(model, *first_batch, precision, log, cfg.init)
     t_run = time.time()
     compiled, compile_s = model, 0.0
     if devices.use_compile(cfg, device):
         compiled = devices.compile_model(model, cfg)
         compile_s = warm_up(model, cfg, *first_batch, precision)
         log(f"compiled in {compile_s:.1f}s (kept apart from training time)")
-    files.write_json({"name": cfg.name, "status": "started", "params": model.num_params(),
+    files.write_json({"name": cfg.name, "status": "started", "started": started, "params": model.num_params(),
                       "first_batch_loss": first_batch_loss, "device": str(device), "config": asdict(cfg),
                       "versions": devices.versions()}, paths["summary"])
     csv_file = files.open_csv(paths["csv"], epoch)
@@ -268,12 +294,14 @@ def train_locked(cfg, device, paths, resume, log):
             t0 = time.time()
             devices.synchronize(device)
             lr = optim.lr_at(max(0, epoch * steps + first_step - 1), total_steps, cfg)   # stopped after an epoch's last step
-            for i, (x, y) in enumerate(data.train_batches(train_x, train_y, cfg, epoch, first_step), first_step):
+            batches = data.train_batches(train_x, train_y, cfg, epoch, first_step, len(d["classes"]))
+            for i, (x, y) in enumerate(batches, first_step):
                 lr = optim.lr_at(epoch * steps + i, total_steps, cfg)
-                loss, correct = train_step(compiled, opt, x, y, cfg, lr, precision, scaler)
+                loss, correct, objective = train_step(compiled, opt, x, y, cfg, lr, precision, scaler)
                 sums[0] += loss * len(y)
                 sums[1] += correct
                 sums[2] += len(y)
+                sums[3] += objective * len(y)
                 if ema:
                     update_ema(ema, model, cfg.ema)
                 if device.type == "cpu" or (i + 1) % 100 == 0 or i + 1 == steps:
@@ -293,30 +321,33 @@ def train_locked(cfg, device, paths, resume, log):
             epoch += 1
             validated = epoch % cfg.val_every == 0 or epoch == cfg.epochs
             val = evaluate(eval_model, *d["val"], cfg.tta, precision) if validated else {}
-            train_loss, train_acc = (sums[:2] / sums[2]).tolist()
+            train_loss, train_acc, _, objective = (sums / sums[2]).tolist()
             row = {"epoch": epoch, "lr": f"{lr:.6g}", "train_loss": f"{train_loss:.5f}", "train_acc": f"{train_acc:.5f}",
+                   "train_objective": f"{objective:.5f}",
                    **{f"val_{k}": f"{v:.5f}" for k, v in val.items()},    # left empty on an epoch not validated
                    "epoch_s": f"{epoch_s:.3f}", "img_per_s": f"{sums[2].item() / epoch_s:.1f}",
                    "elapsed_s": f"{elapsed0 + time.time() - t_run:.3f}"}
             writer.writerow(row)
             csv_file.flush()
             if val and val["acc"] > best["val_acc"]:
-                best = {"val_acc": val["acc"], "val_loss": val["loss"], "val_top5": val["top5"], "epoch": epoch}
+                best = {**{f"val_{k}": v for k, v in val.items()}, "epoch": epoch}
                 checkpoint("best", epoch=epoch, metrics=best)
             first_step, epoch_s0 = 0, 0.0
-            sums = torch.zeros(3, device=device)
+            sums = torch.zeros(4, device=device)
             checkpoint("last", epoch=epoch, step_in_epoch=0, epoch_sums=sums.cpu(), finished=epoch == cfg.epochs)
             log(console.epoch_line(row, cfg.epochs, best["val_acc"]))
     return finish(cfg, d, paths, device, first_batch_loss, elapsed0 + time.time() - t_run, log, compile_s, precision)
 
 
-def check_first_batch(model, xb, yb, precision, log):
-    """Loss of the first training batch before any update, on a copy (about ln(classes) when all is well)."""
+def check_first_batch(model, xb, yb, precision, log, init=""):
+    """Loss of the first training batch before any update, on a copy (about ln(classes) when all is well, unless the
+    weights come from checkpoint init)."""
     probe = copy.deepcopy(model)
     with torch.no_grad(), devices.autocast(xb.device, precision):
         loss = F.cross_entropy(probe(devices.to_model_format(xb)).float(), yb).item()
     n_classes = model.fc.out_features
-    log(f"first-batch loss {loss:.3f} (expected about ln {n_classes} = {math.log(n_classes):.3f})")
+    expected = f"from the weights of {init}" if init else f"expected about ln {n_classes} = {math.log(n_classes):.3f}"
+    log(f"first-batch loss {loss:.3f} ({expected})")
     return loss
 
 
@@ -334,9 +365,13 @@ def finish(cfg, d, paths, device, first_batch_loss, wall_s, log, compile_s=0.0, 
     test = evaluate(best_model, *d["test"], cfg.tta, precision)
     with open(paths["csv"], newline="") as f:
         train_s = sum(float(r["epoch_s"]) for r in csv.DictReader(f))
-    summary = {"name": cfg.name, "status": "finished", "best_epoch": best_ckpt["epoch"],
+    summary = {"name": cfg.name, "status": "finished", "started": files.start_time(paths["summary"]),
+               "best_epoch": best_ckpt["epoch"],
                "best_val_acc": best_ckpt["metrics"]["val_acc"], "test_loss": test["loss"], "test_acc": test["acc"],
-               "test_top5": test["top5"],
+               "test_top5": test["top5"],      # test_acc, best_val_acc: with flip TTA where tta is on; *_plain, *_tta: both
+               "best_val_acc_plain": best_ckpt["metrics"].get("val_acc_plain"),
+               "best_val_acc_tta": best_ckpt["metrics"].get("val_acc_tta"),
+               "test_acc_plain": test["acc_plain"], "test_acc_tta": test["acc_tta"],
                "first_batch_loss": first_batch_loss, "params": best_model.num_params(),
                "train_s": round(train_s, 3), "compile_s": round(compile_s, 3), "wall_s": round(wall_s, 3),
                "device": str(device), "precision": precision,

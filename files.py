@@ -5,6 +5,7 @@ the lock that keeps two runs from writing the same files, checkpoints read with 
 """
 import contextlib
 import csv
+import datetime
 import errno
 import json
 import os
@@ -25,8 +26,8 @@ import torch
 from config import Config, UserError, check_value, validate
 
 FORMAT_VERSION = 1
-CSV_COLUMNS = ["epoch", "lr", "train_loss", "train_acc", "val_loss", "val_acc", "val_top5",
-               "epoch_s", "img_per_s", "elapsed_s"]
+CSV_COLUMNS = ["epoch", "lr", "train_loss", "train_acc", "train_objective", "val_loss", "val_acc", "val_top5",
+               "val_acc_plain", "val_acc_tta", "epoch_s", "img_per_s", "elapsed_s"]
 
 
 def run_paths(cfg):
@@ -47,6 +48,45 @@ def earlier_run(cfg):
     evals = [p for split in ("test", "val") for last in (False, True)
              for p in eval_paths(cfg.out_dir, cfg.name, split, last)]
     return [p for p in [paths[k] for k in ("csv", "best", "last", "summary")] + evals if p.exists()]
+
+
+def now():
+    """The time a run starts, as <exp>.json records it: local, to the second, with its UTC offset."""
+    return datetime.datetime.now().astimezone().isoformat(timespec="seconds")
+
+
+def start_time(summary_path):
+    """The "started" time a run's record holds, or None (no record, or one written before it was kept)."""
+    try:
+        record = json.loads(Path(summary_path).read_text())
+    except (OSError, ValueError):
+        return None
+    return record.get("started") if isinstance(record, dict) else None
+
+
+def retire_earlier_run(cfg):
+    """Move the files an earlier run of this name left, whole, into <out>/old/<name>-<its start time>/ (a folder
+    never reused: -2, -3, ... where it exists); returns that folder, or None where there were none. Nothing is
+    deleted. The start time is the record's, else the oldest file's modification time."""
+    earlier, summary = earlier_run(cfg), run_paths(cfg)["summary"]
+    if not earlier:
+        return None
+    try:
+        when = datetime.datetime.fromisoformat(start_time(summary))
+    except (TypeError, ValueError):     # no record, one from before "started" was kept, or a spoilt one
+        when = datetime.datetime.fromtimestamp(min(p.stat().st_mtime for p in earlier))
+    base = Path(cfg.out_dir) / "old" / f"{cfg.name}-{when:%Y%m%d-%H%M%S}"
+    folder, n = base, 1
+    while True:
+        try:
+            folder.mkdir(parents=True)     # claims the folder: it did not exist
+            break
+        except FileExistsError:
+            n += 1
+            folder = base.with_name(f"{base.name}-{n}")
+    for path in sorted(earlier, key=lambda p: p == summary):       # the record last: a move cut short keeps its time
+        path.replace(folder / path.name)
+    return folder
 
 
 @contextlib.contextmanager
@@ -151,6 +191,12 @@ def load_checkpoint(path):
         raise UserError(f"{path} has checkpoint format {ckpt['format_version']}, newer than this code's "
                         f"{FORMAT_VERSION}: update the code")
     return ckpt
+
+
+def trained_weights(ckpt):
+    """The weights a checkpoint is evaluated and fine-tuned with: a best .ckpt's (EMA weights where its run had EMA),
+    or those of a .last.ckpt's save (its EMA copy where the run had EMA)."""
+    return ckpt["ema"] if "optimizer" in ckpt and ckpt["config"].get("ema") else ckpt["model"]
 
 
 def config_from(ckpt):

@@ -34,15 +34,17 @@ def evaluate_checkpoint(path, split="test", tta=None, data_dir=None, device="aut
         step = ckpt.get("step_in_epoch", 0)
         when = f"epoch {ckpt['epoch'] + 1} step {step}" if step else f"end of epoch {ckpt['epoch']}"
         weights = f"last checkpoint, {when} ({averaged} weights, not the best epoch's)"
-        ckpt = {**ckpt, "model": ckpt["ema"] if cfg.ema else ckpt["model"]}
+        ckpt = {**ckpt, "model": files.trained_weights(ckpt)}
     else:
         weights = f"best epoch {ckpt.get('epoch')} ({averaged} weights)"
     model = engine.model_from(ckpt, device)
     d = data.load(cfg, device)
     x, y = d[split]
-    logits = engine.predict(model, x, tta, devices.pick_precision(cfg, device)[0])
+    plain, flipped = engine.predict(model, x, devices.pick_precision(cfg, device)[0])
+    logits = flipped if tta else plain
     result = {"checkpoint": str(path), "name": cfg.name, "weights": weights, "last": last, "split": split, "tta": tta,
-              "n": len(y), **engine.metrics(logits, y), "epoch": ckpt.get("epoch"),
+              "n": len(y), **engine.metrics(logits, y), "acc_plain": engine.metrics(plain, y)["acc"],
+              "acc_tta": engine.metrics(flipped, y)["acc"], "epoch": ckpt.get("epoch"),
               "val_acc_at_save": ckpt.get("metrics", {}).get("val_acc")}
     n_classes = len(d["classes"])
     majority = torch.bincount(d["train"][1], minlength=n_classes).argmax()
@@ -81,7 +83,8 @@ def main():
     except OSError as e:       # a read-only or full folder beside the checkpoint
         sys.exit(f"error: cannot write {e.filename2 or e.filename}: {e.strerror}")
     print(f"{r['name']} {r['weights']} | {r['split']} n={r['n']} tta={r['tta']} | loss {r['loss']:.4f} | "
-          f"top-1 {100 * r['acc']:.2f}% | top-5 {100 * r['top5']:.2f}%")
+          f"top-1 {100 * r['acc']:.2f}% | top-5 {100 * r['top5']:.2f}% | "
+          f"top-1 without TTA {100 * r['acc_plain']:.2f}%, with flip TTA {100 * r['acc_tta']:.2f}%")
     b = r["baselines"]
     print(f"baselines | majority class ({b['majority_class']['class']}) {100 * b['majority_class']['acc']:.2f}% | "
           f"uniform random {100 * b['uniform_random']['acc']:.2f}% (loss {b['uniform_random']['loss']:.4f})")

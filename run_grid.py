@@ -7,10 +7,12 @@
     for i in 0 1 2 3; do CUDA_VISIBLE_DEVICES=$i python run_grid.py --grid report_grid --shard $i/4 & done; wait
                                                               # four GPUs, no SLURM: configs i, i + 4, i + 8, ...
     python run_grid.py --grid report_grid --epochs 5          # every config for 5 epochs (use another --out)
+    python run_grid.py --grid cpu_seeds --data-dir ~/data     # the cpu recipe over seeds 0, 1, 2: mean +- std
 
 A grid in experiments.json is a base experiment plus a list of values per key; its configs are the
 product of the lists (a one-value list just sets the key). Each run writes out/<grid>/<run>.{csv,ckpt,
-last.ckpt,json}; out/<grid>.csv holds one row per config, updated as each run ends. Running the grid
+last.ckpt,json}; out/<grid>.csv holds one row per config, updated as each run ends (a grid that varies `seed`
+also gets a "mean" row per config but its seed: mean and std (n) of best val and test accuracy). Running the grid
 again skips finished configs and resumes an interrupted one from its last.ckpt. A config that fails for any
 reason gets a `failed` row with the reason and the grid goes on; it then exits with status 1. Shards of one grid
 run at the same time (several GPUs, SLURM array tasks) share out/<grid>.csv: each row is written under a lock.
@@ -19,6 +21,7 @@ import argparse
 import csv
 import itertools
 import json
+import statistics
 import sys
 import time
 import traceback
@@ -36,6 +39,7 @@ from resnet import ResNet
 SHORT = {"lr": "lr", "weight_decay": "wd", "blocks": "b", "channels": "c", "batch_size": "bs",
          "label_smoothing": "ls", "optimizer": "", "schedule": ""}     # key prefixes in run names
 RESULTS = ["params", "best_val_acc", "best_epoch", "test_acc", "train_s", "status", "reason"]
+SPREAD = ["n", "best_val_acc_std", "test_acc_std"]      # the columns of a grid that varies the seed: its mean rows
 
 
 def run_name(varied):
@@ -85,26 +89,57 @@ def shard_indices(n, shard):
 # ----------------------------------------------------------------------------
 # the summary CSV, one row per config
 
-def read_summary(path):
-    """{run name: row} of out/<grid>.csv; empty if it does not exist yet."""
+def read_rows(path):
+    """Every row of out/<grid>.csv, the configs' and the mean rows; empty if it does not exist yet."""
     if not path.exists():
-        return {}
+        return []
     with open(path, newline="") as f:
-        return {r["run"]: r for r in csv.DictReader(f)}
+        return list(csv.DictReader(f))
+
+
+def read_summary(path):
+    """{run name: row} of the configs in out/<grid>.csv (not its mean rows); empty if it does not exist yet."""
+    return {r["run"]: r for r in read_rows(path) if r["status"] != "mean"}
 
 
 def update_summary(path, row, columns):
-    """Replace this run's row under a lock: the tasks of a SLURM array write the same file at once."""
+    """Replace this run's row under a lock (the tasks of a SLURM array write the same file at once); a grid that
+    varies the seed also gets its mean rows, recomputed."""
     with files.run_lock(Path(f"{path}.lock"), wait=True):
         rows = read_summary(path)
         rows[row["run"]] = row
-        files.write_csv(path, columns, sorted(rows.values(), key=lambda r: int(r["index"])))
+        rows = sorted(rows.values(), key=lambda r: int(r["index"]))
+        files.write_csv(path, columns, rows + (seed_means(rows) if "group" in columns else []))
+
+
+def mean_std(values):
+    """'mean', 'std' of fractions as the CSV writes them; std (n - 1) is empty for a single value."""
+    return f"{statistics.mean(values):.5f}", f"{statistics.stdev(values):.5f}" if len(values) > 1 else ""
+
+
+def seed_means(rows):
+    """One "mean" row per group of configs that differ only by seed: mean and std (n) of best val and test
+    accuracy over the group's configs done."""
+    groups = {}
+    for r in rows:
+        if r["status"] == "done":
+            groups.setdefault(r["group"], []).append(r)
+    means = []
+    for group, done in groups.items():
+        (val, val_std), (test, test_std) = (mean_std([float(r[k]) for r in done]) for k in ("best_val_acc", "test_acc"))
+        means.append({**done[0], "index": "", "run": f"{group} (mean)", "seed": json.dumps([int(r["seed"]) for r in done]),
+                      "best_val_acc": val, "best_val_acc_std": val_std, "test_acc": test, "test_acc_std": test_std,
+                      "n": len(done), "best_epoch": "", "train_s": f"{statistics.mean(float(r['train_s']) for r in done):.1f}",
+                      "status": "mean", "reason": ""})
+    return sorted(means, key=lambda r: -float(r["best_val_acc"]))
 
 
 def result_row(index, name, varied, cfg, status, s=None, reason=""):
     row = {"index": index, "run": name, **{k: json.dumps(v) if isinstance(v, list) else v for k, v in varied.items()},
            "params": s["params"] if s else ResNet(cfg.blocks, cfg.channels, stem_stride=cfg.stem_stride).num_params(),
            "status": status, "reason": reason}
+    if "seed" in varied:        # the configs that differ only by seed make one group
+        row["group"] = run_name({k: v for k, v in varied.items() if k != "seed"})
     if s:
         row.update(best_val_acc=f"{s['best_val_acc']:.5f}", best_epoch=s["best_epoch"],
                    test_acc=f"{s['test_acc']:.5f}", train_s=f"{s['train_s']:.1f}")
@@ -112,7 +147,8 @@ def result_row(index, name, varied, cfg, status, s=None, reason=""):
 
 
 def print_ranked(path):
-    """Every config of the summary, the best validation accuracy first."""
+    """Every config of the summary, the best validation accuracy first; then, where the grid varies the seed, its
+    groups by mean validation accuracy, with mean +- std (n) of best val and test accuracy."""
     rows = sorted(read_summary(path).values(), key=lambda r: (r["status"] != "done", -float(r["best_val_acc"] or 0)))
     width = max([len(r["run"]) for r in rows] + [3])
     print(f"{'rank':>4}  {'run':{width}}  {'val %':>6}  {'epoch':>5}  {'test %':>6}  {'params':>7}  {'train s':>7}  status")
@@ -120,7 +156,20 @@ def print_ranked(path):
         pct = {k: f"{100 * float(r[k]):.2f}" if r[k] else "-" for k in ("best_val_acc", "test_acc")}
         print(f"{rank:4d}  {r['run']:{width}}  {pct['best_val_acc']:>6}  {r['best_epoch'] or '-':>5}  "
               f"{pct['test_acc']:>6}  {int(r['params']) / 1e6:6.2f}M  {r['train_s'] or '-':>7}  {r['status']}")
+    means = [r for r in read_rows(path) if r["status"] == "mean"]
+    if means:
+        width = max(len(r["group"]) for r in means + [{"group": "group"}])
+        print(f"{'rank':>4}  {'group':{width}}  {'val % (mean +- std, n)':>22}  {'test % (mean +- std, n)':>23}  seeds")
+        for rank, r in enumerate(means, 1):
+            print(f"{rank:4d}  {r['group']:{width}}  {spread(r, 'best_val_acc'):>22}  {spread(r, 'test_acc'):>23}  "
+                  f"{r['seed']}")
     print(f"summary: {path}")
+
+
+def spread(row, key):
+    """'63.08 +- 0.21 (3)' from a mean row: percent, std left out where one seed is done."""
+    std = f" +- {100 * float(row[key + '_std']):.2f}" if row[key + "_std"] else ""
+    return f"{100 * float(row[key]):.2f}{std} ({row['n']})"
 
 
 # ----------------------------------------------------------------------------
@@ -136,7 +185,8 @@ def main():
     try:
         axes, runs = grid_configs(args.grid, run_train.overrides(args))
         summary = Path(runs[0][2].out_dir + ".csv")
-        columns = ["index", "run", *axes, *RESULTS]
+        columns = ["index", "run", *axes, *RESULTS] if "seed" not in axes else \
+            ["index", "run", "group", *axes, *RESULTS, *SPREAD]
         if args.index is not None and args.shard:
             raise config.UserError("--index and --shard each choose the configs to run: give one of them")
         if args.index is not None and not 0 <= args.index < len(runs):

@@ -36,6 +36,21 @@ def pct(x):
     return f"{100 * float(x):.2f}%"
 
 
+def pct_or_dash(x):
+    """pct, or '-' where a file from before that figure was recorded lacks it."""
+    return "-" if x in (None, "") else pct(x)
+
+
+def spread(row, key):
+    """'63.08% ± 0.21 (n=3)' from a grid's mean row; no std where one seed is done."""
+    std = f" ± {100 * float(row[key + '_std']):.2f}" if row[key + "_std"] else ""
+    return f"{pct(row[key])}{std} (n={row['n']})"
+
+
+def tta_name(tta):
+    return "flip TTA" if tta else "no TTA"
+
+
 def table(headers, rows):
     return [f"| {' | '.join(headers)} |", f"|{' --- |' * len(headers)}"] + \
            [f"| {' | '.join(str(v) for v in row)} |" for row in rows] + [""]
@@ -161,7 +176,7 @@ def build(out, exps, grid, compare, report_path):
         md += table(["predictor", f"{evals[done[0]]['split']} accuracy"],
                     [[f"majority class ({b['majority_class']['class']})", pct(b["majority_class"]["acc"])],
                      ["uniform random", pct(b["uniform_random"]["acc"])]] +
-                    [[f"model `{e}`", pct(evals[e]["acc"])] for e in done])
+                    [[f"model `{e}` ({tta_name(evals[e]['tta'])})", pct(evals[e]["acc"])] for e in done])
         md += [f"(from `{out}/{done[0]}.eval.json`)", ""]
     else:
         md += not_run("baselines", f"python run_eval.py {out}/{first}.ckpt")
@@ -204,10 +219,18 @@ def build(out, exps, grid, compare, report_path):
     md += ["## 7. Grid search", ""]
     grid_rows = read_csv(out / f"{grid}.csv") if grid else None
     if grid_rows:
-        ranked = sorted((r for r in grid_rows if r["best_val_acc"]), key=lambda r: -float(r["best_val_acc"]))
+        ranked = sorted((r for r in grid_rows if r["best_val_acc"] and r["status"] != "mean"),
+                        key=lambda r: -float(r["best_val_acc"]))
         md += table(["rank", "run", "best val acc", "epoch", "params", "train s", "status"],
                     [[i + 1, r["run"], pct(r["best_val_acc"]), r["best_epoch"], r["params"], r["train_s"], r["status"]]
                      for i, r in enumerate(ranked)]) + [f"(from `{out}/{grid}.csv`)", ""]
+        means = [r for r in grid_rows if r["status"] == "mean"]       # a grid over seeds: its configs' spread
+        if means:
+            md += ["The configs that differ only by seed, by mean best validation accuracy (mean ± std over the "
+                   "seeds done, n of them):", ""]
+            md += table(["rank", "config", "best val acc", "test acc", "seeds", "mean train s"],
+                        [[i + 1, r["group"], spread(r, "best_val_acc"), spread(r, "test_acc"), r["seed"], r["train_s"]]
+                         for i, r in enumerate(means)]) + [f"(from `{out}/{grid}.csv`)", ""]
         figure(f"grid_{grid}", f"grid {grid} ranked", f"{out}/{grid}.csv", plot_grid, ranked, grid)
     else:
         md += not_run("a grid", f"python run_grid.py --grid {grid or 'smoke_grid'}")
@@ -238,9 +261,10 @@ def build(out, exps, grid, compare, report_path):
         md += not_run("two runs to compare", "python run_report.py --exp A B --compare A,B")
 
     md += ["## 10. Test", ""]
-    rows = [[e, pct(evals[e]["acc"]), pct(evals[e]["top5"]), f"{evals[e]['loss']:.4f}", evals[e]["tta"], evals[e]["epoch"]]
-            for e in done]
-    md += table(["run", "test top-1", "test top-5", "test loss", "flip TTA", "epoch"], rows) + \
+    rows = [[e, pct(evals[e]["acc"]), pct_or_dash(evals[e].get("acc_plain")), pct_or_dash(evals[e].get("acc_tta")),
+             pct(evals[e]["top5"]), f"{evals[e]['loss']:.4f}", tta_name(evals[e]["tta"]), evals[e]["epoch"]] for e in done]
+    md += table(["run", "test top-1", "top-1 without TTA", "top-1 with flip TTA", "test top-5", "test loss",
+                 "top-1, top-5 and loss", "epoch"], rows) + \
         [f"(from `{out}/<run>.eval.json`)", ""] if rows else not_run("the test evaluation", f"python run_eval.py {out}/{first}.ckpt")
     return md
 

@@ -96,10 +96,12 @@ def test_training_accuracy_on_mixed_targets_counts_the_dominant_label():
     with torch.no_grad():
         predicted = model(x).argmax(1)
     opt = torch.optim.SGD(model.parameters(), lr=0.0)
-    loss, correct = engine.train_step(model, opt, x, soft, Config(label_smoothing=0.1), lr=0.0)
+    loss, correct, objective = engine.train_step(model, opt, x, soft, Config(label_smoothing=0.1), lr=0.0)
     assert correct.item() == (predicted == y).sum().item()
-    assert loss.item() == pytest.approx(torch.nn.functional.cross_entropy(
-        model(x), soft, label_smoothing=0.1).item(), rel=1e-5)
+    logits = model(x)
+    assert loss.item() == pytest.approx(torch.nn.functional.cross_entropy(logits, soft).item(), rel=1e-5)
+    assert objective.item() == pytest.approx(torch.nn.functional.cross_entropy(
+        logits, soft, label_smoothing=0.1).item(), rel=1e-5)
 
 
 def test_a_run_with_mixup_cutmix_and_trivialaugment_trains_on_soft_targets(tmp_path, monkeypatch):

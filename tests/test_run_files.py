@@ -66,7 +66,9 @@ def test_fresh_run_over_a_finished_one_retires_its_files_at_once(finished_run, d
         quiet(small(out, data_dir))
     assert csv_rows(out / "smoke.csv") == []
     assert json.loads((out / "smoke.json").read_text())["status"] == "started"       # the new run's record
-    assert sorted(p.name for p in out.iterdir()) == ["smoke.csv", "smoke.json", "smoke.lock"]
+    assert sorted(p.name for p in out.iterdir()) == ["old", "smoke.csv", "smoke.json", "smoke.lock"]
+    [old] = (out / "old").iterdir()
+    assert snapshot(old) == {name: kept for name, kept in snapshot(finished_run).items()}    # whole, untouched
     monkeypatch.setattr(engine, "train_step", real_step)
     lines = []
     summary = engine.train(small(out, data_dir), resume=True, log=lines.append)
@@ -74,16 +76,16 @@ def test_fresh_run_over_a_finished_one_retires_its_files_at_once(finished_run, d
     assert [r["epoch"] for r in csv_rows(out / "smoke.csv")] == ["1"] and summary["status"] == "finished"
 
 
-def test_resume_without_a_last_checkpoint_keeps_the_earlier_files_as_old(finished_run, data_dir, tmp_path):
+def test_resume_without_a_last_checkpoint_moves_the_earlier_files_under_old(finished_run, data_dir, tmp_path):
     shutil.copytree(finished_run, tmp_path / "out")
     out = tmp_path / "out"
-    (out / "smoke.last.ckpt").unlink()
+    (out / "smoke.last.ckpt").rename(tmp_path / "elsewhere.ckpt")
     before = snapshot(out)
     lines = []
     engine.train(small(out, data_dir), resume=True, log=lines.append)
-    assert "the files found there are kept as *.old" in lines[0]
-    kept = {name[:-len(".old")]: content for name, (content, _) in snapshot(out).items() if name.endswith(".old")}
-    assert kept == {name: content for name, (content, _) in before.items()}
+    [old] = (out / "old").iterdir()
+    assert f"; the files found there moved to {old}/)" in lines[0]
+    assert snapshot(old) == before
 
 
 # ----------------------------------------------------------------------------
