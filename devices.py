@@ -9,6 +9,7 @@ import subprocess
 from pathlib import Path
 
 import torch
+import torch._inductor.config
 
 from config import UserError
 
@@ -40,7 +41,10 @@ def use_compile(cfg, device):
 def compile_model(model, cfg):
     """torch.compile for static shapes. Dynamo keys its graphs on the code, not the model object, so every later
     model of the same shapes in this process (the warm-up copy, the next config of a grid) reuses them."""
-    torch._dynamo.config.cache_size_limit = 64     # note: past this many shapes dynamo silently runs eager (default 8)
+    limit = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"
+    setattr(torch._dynamo.config, limit, 64)       # note: past this many shapes dynamo silently runs eager (default 8)
+    if cfg.deterministic and hasattr(torch._inductor.config, "deterministic"):
+        torch._inductor.config.deterministic = True    # no on-device benchmarking of kernel choices, which changes numerics
     mode = cfg.compile if cfg.compile in ("reduce-overhead", "max-autotune-no-cudagraphs") else None
     return torch.compile(model, dynamic=False, mode=mode)
 

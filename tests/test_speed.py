@@ -53,6 +53,17 @@ def test_compile_modes_are_config_choices_and_off_means_eager():
         config.resolve("report", [("compile", "fast")])
 
 
+def test_deterministic_compiled_runs_use_inductors_deterministic_mode(monkeypatch):
+    import torch._inductor.config as inductor
+    monkeypatch.setattr(inductor, "deterministic", False)         # restored after the test
+    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 8)
+    monkeypatch.setattr(torch, "compile", lambda model, **kw: model)
+    devices.compile_model(ResNet([1], [4]), config.resolve("smoke"))
+    assert inductor.deterministic is False and torch._dynamo.config.recompile_limit == 64
+    devices.compile_model(ResNet([1], [4]), config.resolve("smoke", [("deterministic", True)]))
+    assert inductor.deterministic is True
+
+
 def test_ema_update_averages_weights_and_bn_statistics():
     torch.manual_seed(0)
     model = ResNet([1], [4], num_classes=3)
