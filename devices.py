@@ -49,6 +49,18 @@ def compile_model(model, cfg):
     return torch.compile(model, dynamic=False, mode=mode)
 
 
+@contextlib.contextmanager
+def compile_errors():
+    """A torch.compile that fails at its first call (Inductor needs a working C/C++ compiler, and Triton on CUDA) as
+    one UserError line naming the cause, instead of pages of traceback."""
+    try:
+        yield
+    except torch._dynamo.exc.BackendCompilerFailed as e:   # what failed inside (a missing compiler, Triton) comes wrapped
+        cause = next((line.strip() for line in str(e).splitlines() if line.strip()), type(e).__name__)
+        raise UserError(f"torch.compile failed: {cause[:300]}; Inductor needs a working C/C++ compiler (and Triton on "
+                        f"CUDA): install one, or run eager with --no-compile") from None
+
+
 def autocast(device, precision="auto"):
     """bf16 autocast (no GradScaler needed) on CUDA, or anywhere with precision "bf16"; else plain fp32."""
     bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")

@@ -51,7 +51,8 @@ def warm_up(model, cfg, x, y):
     """Compile one training step on a throwaway copy; returns its seconds, so that training time excludes them."""
     probe = copy.deepcopy(model)
     t0 = time.time()
-    train_step(devices.compile_model(probe, cfg), optim.make_optimizer(probe, cfg), x, y, cfg, lr=0.0)
+    with devices.compile_errors():
+        train_step(devices.compile_model(probe, cfg), optim.make_optimizer(probe, cfg), x, y, cfg, lr=0.0)
     if x.is_cuda:
         torch.cuda.synchronize()
     return time.time() - t0
