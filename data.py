@@ -118,10 +118,16 @@ def stratified_subset(idx, labels, n, seed=SPLIT_SEED):
 def load(cfg, device="cpu"):
     """Dict of splits {train, val, test} -> (x uint8 on device, y int64 on device), plus class names and val_idx."""
     root = data_root(cfg.data_dir)
+    if root.exists() and not root.is_dir():
+        raise UserError(f"the data folder {root} is a file: point --data-dir or CIFAR100_ROOT at the folder that holds "
+                        f"cifar-100-python/")
     if cfg.dataset == "synthetic":
         folder = root / "synthetic" / "cifar-100-python"
         if not all((folder / f).is_file() for f in FILES):
-            write_synthetic(folder)
+            try:
+                write_synthetic(folder)
+            except OSError as e:
+                raise UserError(f"cannot generate the synthetic data in {folder}: {e.strerror or e}")
     else:
         folder = fetch_cifar100(root, cfg.download)
     for f in FILES:

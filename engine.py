@@ -179,7 +179,7 @@ def train(cfg, resume=False, log=print):
             raise UserError(f"out of GPU memory at batch_size {cfg.batch_size}: try --set batch_size="
                             f"{max(1, cfg.batch_size // 2)} (checkpoints so far are kept)")
         except OSError as e:   # a full disk or a folder gone read-only: the files written before are kept
-            raise UserError(f"cannot write to {paths['csv'].parent}: {e.strerror or e}")
+            raise UserError(files.os_error_line(e, paths["csv"].parent))
 
 
 def train_locked(cfg, device, paths, resume, log):

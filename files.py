@@ -42,6 +42,13 @@ def earlier_run(cfg):
     return [p for p in [paths[k] for k in ("csv", "best", "last", "summary")] + evals if p.exists()]
 
 
+def os_error_line(e, out):
+    """An OSError of a run as one line: a failed write of the run's own files (a full disk, a folder gone read-only)
+    names its folder out; any other OS error names its own file."""
+    inside = e.filename is None or Path(os.path.abspath(e.filename)).is_relative_to(os.path.abspath(out))
+    return f"cannot write to {out}: {e.strerror or e}" if inside else f"{e.strerror or e}: {e.filename}"
+
+
 @contextlib.contextmanager
 def atomic_open(path, mode="w", **kwargs):
     """Write to a temp file beside path, fsync it, rename it over path; the temp file never outlives a failure."""

@@ -59,8 +59,11 @@ def evaluate_checkpoint(path, split="test", tta=None, data_dir=None, device="aut
 def write_outputs(result, folder):
     """<name>[.last][.val].eval.json and the matching .per_class.csv (files.eval_paths)."""
     json_path, csv_path = files.eval_paths(folder, result["name"], result["split"], result["last"])
-    files.write_json({k: v for k, v in result.items() if k != "per_class"}, json_path)
-    files.write_csv(csv_path, ["class", "name", "n", "acc"], result["per_class"])
+    try:
+        files.write_json({k: v for k, v in result.items() if k != "per_class"}, json_path)
+        files.write_csv(csv_path, ["class", "name", "n", "acc"], result["per_class"])
+    except OSError as e:       # a read-only or full folder beside the checkpoint
+        raise UserError(f"cannot write {e.filename2 or e.filename or json_path.parent}: {e.strerror or e}")
     return json_path, csv_path
 
 
@@ -78,8 +81,8 @@ def main():
         written = write_outputs(r, args.checkpoint.parent)
     except UserError as e:
         sys.exit(f"error: {e}")
-    except OSError as e:       # a read-only or full folder beside the checkpoint
-        sys.exit(f"error: cannot write {e.filename2 or e.filename}: {e.strerror}")
+    except OSError as e:       # one not of the result files (write_outputs names those)
+        sys.exit(f"error: {e.strerror or e}: {e.filename}")
     print(f"{r['name']} {r['weights']} | {r['split']} n={r['n']} tta={r['tta']} | loss {r['loss']:.4f} | "
           f"top-1 {100 * r['acc']:.2f}% | top-5 {100 * r['top5']:.2f}%")
     b = r["baselines"]

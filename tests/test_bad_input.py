@@ -1,4 +1,5 @@
 """Bad input: one clear `error:` line, a non-zero exit, and the files already written left untouched."""
+import errno
 import re
 import shutil
 import signal
@@ -259,3 +260,25 @@ def test_lr_sweep_whose_compile_fails_is_one_line_suggesting_no_compile(tmp_path
     message = main_error(run_lrfind, [*TINY_COMPILED, "--data-dir", tmp_path / "data", "--out", tmp_path / "out"],
                          monkeypatch, capsys)
     assert "torch.compile failed: RuntimeError: InvalidCxxCompiler" in message and message.endswith("--no-compile")
+
+
+@pytest.mark.parametrize("in_the_way, expected", [("", "the data folder {data_dir} is a file"),
+                                                   ("synthetic", "cannot generate the synthetic data in {data_dir}/")])
+def test_a_data_dir_that_is_a_file_is_one_line_that_does_not_blame_the_output_folder(tmp_path, in_the_way, expected):
+    data_dir = tmp_path / "hostname"
+    if in_the_way:
+        data_dir.mkdir()
+    (data_dir / in_the_way).write_text("node17\n")
+    line = assert_one_error_line(run("run_train.py", "--exp", "smoke", "--set", f"data_dir={data_dir}",
+                                     "--out", tmp_path / "out"))
+    assert "cannot write" not in line and expected.format(data_dir=data_dir) in line, line
+
+
+def test_an_os_error_outside_the_runs_own_files_names_its_file_not_the_output_folder(work, monkeypatch, capsys):
+    w, args = work
+
+    def unreadable(*a, **kw):
+        raise PermissionError(errno.EACCES, "Permission denied", "/shared/datasets/cifar-100-python/train")
+    monkeypatch.setattr(data, "load", unreadable)
+    message = refused(run_train, args, w, monkeypatch, capsys)
+    assert message == "error: Permission denied: /shared/datasets/cifar-100-python/train"
