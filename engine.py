@@ -26,6 +26,7 @@ PREEMPTED_EXIT = 75         # exit code after a stop signal: last.ckpt is saved,
 INTERRUPTED_EXIT = 130      # after Ctrl-C (128 + SIGINT, as shells expect); last.ckpt is saved as well
 STOPPED_AT_ONCE = ("stopped at once by a second Ctrl-C: nothing saved since the last checkpoint; "
                    "--resume goes on from it")
+OUT_OF_MEMORY = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)    # any device's; before torch 2.5 CUDA's
 RESUMABLE_CHANGES = {"data_dir", "download", "device", "compile", "log_every", "progress_s", "out_dir", "note",
                      "deterministic", "lrfind_start", "lrfind_end", "lrfind_iters", "lrfind_diverge", "lrfind_stop"}
 
@@ -175,9 +176,10 @@ def train(cfg, resume=False, log=print):
                 stale.unlink()
         try:
             return train_locked(cfg, device, paths, resume, log)
-        except torch.cuda.OutOfMemoryError:
-            raise UserError(f"out of GPU memory at batch_size {cfg.batch_size}: try --set batch_size="
-                            f"{max(1, cfg.batch_size // 2)} (checkpoints so far are kept)")
+        except OUT_OF_MEMORY:
+            raise UserError(f"out of memory on {device.type} at batch_size {cfg.batch_size}: try --set batch_size="
+                            f"{max(1, cfg.batch_size // 2)}, a fresh start, which keeps this run's files under "
+                            f"{paths['csv'].parent / 'old'}/")
         except OSError as e:   # a full disk or a folder gone read-only: the files written before are kept
             raise UserError(files.os_error_line(e, paths["csv"].parent))
 
