@@ -7,6 +7,7 @@
 """
 import argparse
 import math
+import os
 import sys
 from pathlib import Path
 
@@ -19,13 +20,21 @@ import files
 from config import UserError
 
 
+def eval_data_dir(asked, stored):
+    """--data-dir, else $CIFAR100_ROOT, else the training run's folder where it exists on this machine, else ./data."""
+    if asked is not None:
+        return asked
+    if os.environ.get("CIFAR100_ROOT"):
+        return os.environ["CIFAR100_ROOT"]
+    return stored if stored and Path(stored).expanduser().is_dir() else "data"
+
+
 def evaluate_checkpoint(path, split="test", tta=None, data_dir=None, device="auto"):
     """Everything run_eval.py prints, as a dict; per-class accuracies under 'per_class'."""
     ckpt = files.load_checkpoint(path)
     cfg = files.config_from(ckpt)
     cfg.device = device
-    if data_dir is not None:
-        cfg.data_dir = data_dir
+    cfg.data_dir = eval_data_dir(data_dir, cfg.data_dir)
     tta = cfg.tta if tta is None else tta
     device = devices.setup(cfg)
     last = "optimizer" in ckpt          # a .last.ckpt: the weights of its save, not those of the best epoch
@@ -73,7 +82,8 @@ def main():
     p.add_argument("--split", default="test", choices=["test", "val"])
     p.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None,
                    help="average with horizontally flipped images (default: as the run was configured)")
-    p.add_argument("--data-dir", help="folder holding cifar-100-python/ (default: the run's, $CIFAR100_ROOT or ./data)")
+    p.add_argument("--data-dir", help="folder holding cifar-100-python/ (default: $CIFAR100_ROOT, else the run's "
+                                      "folder if it exists here, else ./data)")
     p.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"])
     args = p.parse_args()
     try:
