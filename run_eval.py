@@ -4,6 +4,7 @@
     python run_eval.py out/best.ckpt --split val --no-tta
     python run_eval.py out/smoke.ckpt --data-dir /tmp/data
     python run_eval.py out/best.last.ckpt            # the weights of the last save: out/best.last.eval.json
+    python run_eval.py out/best_v1.ckpt              # a renamed copy: out/best_v1.eval.json, named after the file
 """
 import argparse
 import math
@@ -65,9 +66,9 @@ def evaluate_checkpoint(path, split="test", tta=None, data_dir=None, device="aut
     return result
 
 
-def write_outputs(result, folder):
-    """<name>[.last][.val].eval.json and the matching .per_class.csv (files.eval_paths)."""
-    json_path, csv_path = files.eval_paths(folder, result["name"], result["split"], result["last"])
+def write_outputs(result):
+    """<checkpoint file>[.val].eval.json and the matching .per_class.csv, beside the checkpoint (files.eval_paths)."""
+    json_path, csv_path = files.eval_paths(result["checkpoint"], result["split"])
     try:
         files.write_json({k: v for k, v in result.items() if k != "per_class"}, json_path)
         files.write_csv(csv_path, ["class", "name", "n", "acc"], result["per_class"])
@@ -88,7 +89,7 @@ def main():
     args = p.parse_args()
     try:
         r = evaluate_checkpoint(args.checkpoint, args.split, args.tta, args.data_dir, args.device)
-        written = write_outputs(r, args.checkpoint.parent)
+        written = write_outputs(r)
     except UserError as e:
         sys.exit(f"error: {e}")
     except OSError as e:       # one not of the result files (write_outputs names those)

@@ -106,6 +106,19 @@ def test_evaluating_a_last_checkpoint_writes_its_own_files_and_says_which_weight
     assert best["weights"] == "best epoch 1 (raw weights)"
 
 
+def test_evaluating_a_renamed_copy_names_its_files_after_the_copy_and_leaves_the_runs_alone(
+        finished_run, data_dir, tmp_path):
+    shutil.copytree(finished_run, tmp_path / "out")
+    out = tmp_path / "out"
+    shutil.copy(out / "smoke.ckpt", out / "smoke_v1.ckpt")
+    before = snapshot(out)
+    r = run("run_eval.py", out / "smoke_v1.ckpt", "--data-dir", data_dir)
+    assert r.returncode == 0, r.stderr
+    assert {k: v for k, v in snapshot(out).items() if k in before} == before     # smoke.eval.json among them
+    assert json.loads((out / "smoke_v1.eval.json").read_text())["checkpoint"] == str(out / "smoke_v1.ckpt")
+    assert (out / "smoke_v1.per_class.csv").exists()
+
+
 @pytest.mark.parametrize("flag, env, stored_exists, expected", [
     ("flag", "env", True, "flag"), (None, "env", True, "env"), (None, "", True, "stored"), (None, "", False, "data")])
 def test_run_eval_reads_data_from_the_flag_then_cifar100_root_then_the_runs_folder_if_it_exists_then_data(
