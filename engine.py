@@ -7,6 +7,7 @@ import copy
 import csv
 import json
 import math
+import os
 import signal
 import time
 from dataclasses import asdict
@@ -192,8 +193,10 @@ def train_locked(cfg, device, paths, resume, log):
             raise UserError(f"{paths['last']} holds no training state (optimizer, RNG): it is not a .last.ckpt")
         changed = {k for k, v in state["config"].items() if getattr(cfg, k, None) != v} - RESUMABLE_CHANGES
         if changed:
+            again = "FRESH=1 sbatch slurm.sh (a grid: another --out)" if os.environ.get("SLURM_JOB_ID") else \
+                "run without --resume"
             raise UserError(f"{paths['last']} was made with other settings ({', '.join(sorted(changed))}); "
-                            f"resume with the same config, or run without --resume to start again")
+                            f"resume with the same config, or {again} to start again")
         finished = state.get("finished") and paths["summary"].exists()
         summary = json.loads(paths["summary"].read_text()) if finished else {}
         if "test_acc" in summary:       # not the record written at the start of a run that died before its end
