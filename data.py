@@ -11,6 +11,7 @@ import os
 import pickle
 import socket
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -41,18 +42,30 @@ def network_available(host="www.cs.toronto.edu", timeout=3.0):
 
 
 def fetch_cifar100(root, download=True):
-    """Path of root/cifar-100-python, downloaded (official md5) if missing and possible."""
+    """Path of root/cifar-100-python, downloaded (official md5) if missing and possible. One process downloads, under
+    a lock; the others (the tasks of a SLURM array) wait for it, then read."""
     folder = root / "cifar-100-python"
     if all((folder / f).is_file() for f in FILES):
         return folder
     if download and network_available():
         from torchvision.datasets.utils import download_and_extract_archive
-        print(f"downloading CIFAR-100 to {root} ...", flush=True)
         try:
-            download_and_extract_archive(URL, str(root), md5=MD5)
-        except (OSError, RuntimeError) as e:       # a dropped connection, a full disk, a bad md5
-            raise UserError(f"downloading CIFAR-100 to {root} failed ({type(e).__name__}: {e}); try again, "
-                            f"or put the extracted cifar-100-python/ folder there by hand")
+            root.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise UserError(f"cannot create the data folder {root}: {e.strerror or e}")
+        with files.run_lock(root / "cifar-100-python.lock", wait=True):
+            if all((folder / f).is_file() for f in FILES):      # fetched by another process while this one waited
+                return folder
+            print(f"downloading CIFAR-100 to {root} ...", flush=True)
+            try:
+                with tempfile.TemporaryDirectory(dir=root) as tmp:
+                    download_and_extract_archive(URL, str(root), extract_root=tmp, md5=MD5)
+                    folder.mkdir(exist_ok=True)
+                    for f in FILES:     # each file whole or absent: a process that does not wait never reads half of one
+                        os.replace(Path(tmp) / "cifar-100-python" / f, folder / f)
+            except (OSError, RuntimeError) as e:       # a dropped connection, a full disk, a bad md5
+                raise UserError(f"downloading CIFAR-100 to {root} failed ({type(e).__name__}: {e}); try again, "
+                                f"or put the extracted cifar-100-python/ folder there by hand")
         return folder
     missing = ", ".join(f for f in FILES if not (folder / f).is_file())
     root, folder = root.resolve(), folder.resolve()

@@ -1,4 +1,7 @@
+import concurrent.futures
 import pickle
+import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -98,6 +101,23 @@ def test_train_batches_vary_per_epoch_and_repeat_per_seed():
 def test_missing_data_names_the_folder_and_where_to_get_it(tmp_path):
     with pytest.raises(UserError, match="cifar-100-python.*lacks train, test, meta.*--data-dir"):
         data.load(Config(data_dir=str(tmp_path), download=False))
+
+
+def test_tasks_started_together_download_once_and_the_others_wait_then_read(tmp_path, monkeypatch):
+    import torchvision.datasets.utils
+    downloads = []
+
+    def slow_download(url, download_root, extract_root=None, md5=None):
+        downloads.append(url)
+        time.sleep(1.0)                 # long enough for the other task to arrive meanwhile
+        data.write_synthetic(Path(extract_root or download_root) / "cifar-100-python", per_class_train=2,
+                             per_class_test=1)
+    monkeypatch.setattr(torchvision.datasets.utils, "download_and_extract_archive", slow_download)
+    monkeypatch.setattr(data, "network_available", lambda: True)
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        folders = list(pool.map(lambda _: data.fetch_cifar100(tmp_path), range(2)))
+    assert downloads == [data.URL] and folders == [tmp_path / "cifar-100-python"] * 2
+    assert len(data.read_split(folders[0] / "train")[1]) == 200
 
 
 def test_truncated_pickle_is_a_clear_error(tmp_path):
