@@ -61,7 +61,7 @@ def fetch_cifar100(root, download=True):
                 with tempfile.TemporaryDirectory(dir=root) as tmp:
                     download_and_extract_archive(URL, str(root), extract_root=tmp, md5=MD5)
                     folder.mkdir(exist_ok=True)
-                    for f in FILES:     # each file whole or absent: a process that does not wait never reads half of one
+                    for f in FILES:     # each file whole or absent: a process that did not wait never reads half of one
                         os.replace(Path(tmp) / "cifar-100-python" / f, folder / f)
             except (OSError, RuntimeError) as e:       # a dropped connection, a full disk, a bad md5
                 raise UserError(f"downloading CIFAR-100 to {root} failed ({type(e).__name__}: {e}); try again, "
@@ -176,11 +176,11 @@ def normalize(x):
 
 def train_batches(x, y, cfg, epoch, start=0):
     """Yield the epoch's shuffled, augmented (x, y) batches from batch `start` on; the same for the same seed and epoch."""
-    g = torch.Generator(device=x.device).manual_seed(cfg.seed * 100_003 + epoch)
-    perm = torch.randperm(len(x), generator=g, device=x.device)
+    g = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch)    # on the CPU: a run resumed on a GPU, same batches
+    perm = torch.randperm(len(x), generator=g, device=g.device).to(x.device)
     images = augment.crop_flip(x, g, perm) if cfg.augment else x[perm]
     if cfg.cutout:      # square centres for the whole epoch, drawn up front: a resumed epoch gets the same squares
-        centres = torch.randint(0, x.shape[-1], (2, len(x)), generator=g, device=x.device)     # square images
+        centres = torch.randint(0, x.shape[-1], (2, len(x)), generator=g, device=g.device).to(x.device)  # square images
     labels, bs, steps = y[perm], cfg.batch_size, steps_per_epoch(len(x), cfg.batch_size)
     per = max(1, 2048 // bs)    # batches normalised together: ops large enough to run well, small enough to reuse memory
     for first in range(start, steps, per):

@@ -44,7 +44,7 @@ def compile_model(model, cfg):
     limit = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"
     setattr(torch._dynamo.config, limit, 64)       # note: past this many shapes dynamo silently runs eager (default 8)
     if cfg.deterministic and hasattr(torch._inductor.config, "deterministic"):
-        torch._inductor.config.deterministic = True    # no on-device benchmarking of kernel choices, which changes numerics
+        torch._inductor.config.deterministic = True    # no on-device benchmarking of kernels: it changes numerics
     mode = cfg.compile if cfg.compile in ("reduce-overhead", "max-autotune-no-cudagraphs") else None
     return torch.compile(model, dynamic=False, mode=mode)
 
@@ -55,7 +55,7 @@ def compile_errors():
     one UserError line naming the cause, instead of pages of traceback."""
     try:
         yield
-    except torch._dynamo.exc.BackendCompilerFailed as e:   # what failed inside (a missing compiler, Triton) comes wrapped
+    except torch._dynamo.exc.BackendCompilerFailed as e:   # wraps what failed (a missing compiler, Triton)
         cause = next((line.strip() for line in str(e).splitlines() if line.strip()), type(e).__name__)
         raise UserError(f"torch.compile failed: {cause[:300]}; Inductor needs a working C/C++ compiler (and Triton on "
                         f"CUDA): install one, or run eager with --no-compile") from None

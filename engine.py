@@ -27,7 +27,7 @@ PREEMPTED_EXIT = 75         # exit code after a stop signal: last.ckpt is saved,
 INTERRUPTED_EXIT = 130      # after Ctrl-C (128 + SIGINT, as shells expect); last.ckpt is saved as well
 STOPPED_AT_ONCE = ("stopped at once by a second Ctrl-C: nothing saved since the last checkpoint; "
                    "--resume goes on from it")
-OUT_OF_MEMORY = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)    # any device's; before torch 2.5 CUDA's
+OUT_OF_MEMORY = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)    # any device's (older torch: CUDA's)
 RESUMABLE_CHANGES = {"data_dir", "download", "device", "compile", "log_every", "progress_s", "out_dir", "note",
                      "deterministic", "lrfind_start", "lrfind_end", "lrfind_iters", "lrfind_diverge", "lrfind_stop"}
 

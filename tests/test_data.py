@@ -98,6 +98,26 @@ def test_train_batches_vary_per_epoch_and_repeat_per_seed():
     assert len(list(data.train_batches(x, y, cfg, 0))) == 4
 
 
+def test_batches_are_drawn_on_the_cpu_so_a_run_on_another_device_sees_the_same_ones(monkeypatch):
+    """The meta device stands for a GPU: its tensors have no values, but every draw that makes the batches must be
+    the CPU's, value for value."""
+    x, y = torch.randint(0, 256, (256, 3, 32, 32), dtype=torch.uint8), torch.arange(256)
+    draws = []
+    for name in ("randperm", "randint", "rand"):
+        def recorded(*args, real=getattr(torch, name), **kwargs):
+            out = real(*args, **kwargs)
+            draws.append(out)
+            return out
+        monkeypatch.setattr(torch, name, recorded)
+    cfg = Config(batch_size=64, cutout=8)
+    cpu_batches = list(data.train_batches(x, y, cfg, epoch=3))
+    cpu_draws, draws[:] = draws[:], []
+    meta_batches = list(data.train_batches(x.to("meta"), y.to("meta"), cfg, epoch=3))
+    assert len(cpu_draws) == 5 and len(draws) == 5      # permutation, crop offsets (2), flips, cutout centres
+    assert all(d.device.type == "cpu" and torch.equal(c, d) for c, d in zip(cpu_draws, draws))
+    assert [b.shape for b, _ in meta_batches] == [b.shape for b, _ in cpu_batches]
+
+
 def test_missing_data_names_the_folder_and_where_to_get_it(tmp_path):
     with pytest.raises(UserError, match="cifar-100-python.*lacks train, test, meta.*--data-dir"):
         data.load(Config(data_dir=str(tmp_path), download=False))
