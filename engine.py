@@ -49,14 +49,18 @@ class Preempted(Exception):
 # ----------------------------------------------------------------------------
 # compile warm-up
 
-def warm_up(model, cfg, x, y):
-    """Compile one training step on a throwaway copy; returns its seconds, so that training time excludes them."""
-    probe = copy.deepcopy(model)
+def warm_up(model, compiled, cfg, x, y):
+    """Compile the training step before training; returns its seconds, so that training time excludes them. The steps
+    run on the model itself (CUDA graphs are recorded on its own parameters), at lr 0 with a throwaway optimizer, and
+    its weights and BN statistics are put back after: training starts as if they had not run."""
+    saved = copy.deepcopy(model.state_dict())
     t0 = time.time()
     with devices.compile_errors():
-        train_step(devices.compile_model(probe, cfg), optim.make_optimizer(probe, cfg), x, y, cfg, lr=0.0)
+        for _ in range(3 if cfg.compile == "reduce-overhead" else 1):    # CUDA graphs: warm-up, recording, a replay
+            train_step(compiled, optim.make_optimizer(model, cfg), x, y, cfg, lr=0.0)
     if x.is_cuda:
         torch.cuda.synchronize()
+    model.load_state_dict(saved)        # in place: the parameters keep the addresses the graphs were recorded on
     return time.time() - t0
 
 
@@ -242,7 +246,7 @@ def train_locked(cfg, device, paths, resume, log):
     compiled, compile_s = model, 0.0
     if devices.use_compile(cfg, device):
         compiled = devices.compile_model(model, cfg)
-        compile_s = warm_up(model, cfg, *first_batch)
+        compile_s = warm_up(model, compiled, cfg, *first_batch)
         log(f"compiled in {compile_s:.1f}s (kept apart from training time)")
     files.write_json({"name": cfg.name, "status": "started", "params": model.num_params(),
                       "first_batch_loss": first_batch_loss, "device": str(device), "config": asdict(cfg),

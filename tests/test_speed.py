@@ -44,6 +44,22 @@ def test_runs_of_the_same_shapes_compile_once_per_process(tmp_path, eager_compil
     assert not any(k.startswith("_orig_mod.") for k in ckpt["model"])
 
 
+def test_cuda_graph_mode_warms_up_three_steps_on_the_model_itself_and_leaves_training_unchanged(tmp_path, monkeypatch):
+    monkeypatch.setattr(torch, "compile", lambda model, **kw: model)        # the steps, not the code generation
+    real_step, calls = engine.train_step, []
+    monkeypatch.setattr(engine, "train_step", lambda model, *a, **kw: calls.append(model) or real_step(model, *a, **kw))
+    runs = {}
+    for mode in ("off", "on", "reduce-overhead"):
+        calls.clear()
+        engine.train(tiny_cfg(tmp_path, name=mode, compile=mode), log=lambda *_: None)
+        assert all(model is calls[-1] for model in calls)       # the graphs are recorded on the trained parameters
+        runs[mode] = (len(calls), (tmp_path / "out" / f"{mode}.csv").read_text().splitlines())
+    steps = runs["off"][0]
+    assert [runs[m][0] - steps for m in ("on", "reduce-overhead")] == [1, 3]
+    strip = lambda lines: [line.split(",")[:7] for line in lines]       # without the timing columns
+    assert strip(runs["reduce-overhead"][1]) == strip(runs["on"][1]) == strip(runs["off"][1])
+
+
 def test_compile_modes_are_config_choices_and_off_means_eager():
     cpu = torch.device("cpu")
     for mode in ("on", "reduce-overhead", "max-autotune-no-cudagraphs"):
