@@ -196,9 +196,10 @@ def steps_per_epoch(n, batch_size):
     return max(1, n // batch_size)
 
 
-def eval_batches(x, y, batch_size=1000):
+def eval_batches(x, batch_size=1000):
+    """The images x, normalised, batch_size at a time, in order."""
     for i in range(0, len(x), batch_size):
-        yield normalize(x[i:i + batch_size]), y[i:i + batch_size]
+        yield normalize(x[i:i + batch_size])
 
 
 # ----------------------------------------------------------------------------

@@ -3,6 +3,7 @@
     python -c "import devices, config; print(devices.setup(config.resolve('smoke')))"
 """
 import contextlib
+import functools
 import os
 import platform
 import subprocess
@@ -71,12 +72,17 @@ def to_model_format(x):
     return x.contiguous(memory_format=torch.channels_last)
 
 
+@functools.cache
+def git_revision():
+    """The short git revision of this code, or None; asked once per process (versions() goes into every save)."""
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              cwd=Path(__file__).parent, timeout=5).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
 def versions():
     """torch/CUDA versions, GPU name and git revision, stored with every run."""
-    try:
-        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                             cwd=Path(__file__).parent, timeout=5).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        rev = ""
     return {"torch": str(torch.__version__), "cuda": torch.version.cuda, "python": platform.python_version(),
-            "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None, "git": rev or None}
+            "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None, "git": git_revision()}

@@ -104,7 +104,7 @@ def predict(model, x, tta=False, precision="auto", batch_size=1000):
     was_training = model.training
     model.eval()
     out = []
-    for xb, _ in data.eval_batches(x, x, batch_size):
+    for xb in data.eval_batches(x, batch_size):
         xb = devices.to_model_format(xb)
         with devices.autocast(xb.device, precision):
             logits = model(xb).float()
