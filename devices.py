@@ -41,7 +41,7 @@ def use_compile(cfg, device):
 
 def compile_model(model, cfg):
     """torch.compile for static shapes. Dynamo keys its graphs on the code, not the model object, so every later
-    model of the same shapes in this process (the warm-up copy, the next config of a grid) reuses them."""
+    model of the same shapes in this process (the next config of a grid) reuses them."""
     limit = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"
     setattr(torch._dynamo.config, limit, 64)       # note: past this many shapes dynamo silently runs eager (default 8)
     if cfg.deterministic and hasattr(torch._inductor.config, "deterministic"):

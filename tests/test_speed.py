@@ -36,7 +36,7 @@ def tiny_cfg(tmp_path, **kw):
 def test_runs_of_the_same_shapes_compile_once_per_process(tmp_path, eager_compile):
     first = engine.train(tiny_cfg(tmp_path, name="a"), log=lambda *_: None)
     engine.train(tiny_cfg(tmp_path, name="b", lr=0.001, label_smoothing=0.1), log=lambda *_: None)
-    assert counters["stats"]["unique_graphs"] == 1          # the warm-up copy, run a and run b share one graph
+    assert counters["stats"]["unique_graphs"] == 1          # the warm-ups, run a and run b share one graph
     engine.train(tiny_cfg(tmp_path, name="c", batch_size=16), log=lambda *_: None)
     assert counters["stats"]["unique_graphs"] == 2          # a new batch shape compiles once more
     assert first["compile_s"] > 0 and first["train_s"] > 0
