@@ -1,5 +1,6 @@
 """Augmentation of whole batches on the training device: random crop + flip, cutout, the automatic policies
-(TrivialAugmentWide, RandAugment, AutoAugment) and MixUp / CutMix.
+(TrivialAugmentWide, RandAugment, AutoAugment) and MixUp / CutMix. The random draws are made on the generator's own
+device (the CPU, see data.train_batches), then moved to the images': every device, same batches.
 
     python -c "import augment, torch; print(augment.crop_flip(torch.zeros(8, 3, 32, 32, dtype=torch.uint8), torch.Generator()).shape)"
 
@@ -19,9 +20,9 @@ def crop_flip(x, g, order=None, pad=4):
     _, _, h, w = x.shape
     order = torch.arange(len(x), device=x.device) if order is None else order
     n = len(order)
-    dy = torch.randint(0, 2 * pad + 1, (n,), generator=g, device=x.device)
-    dx = torch.randint(0, 2 * pad + 1, (n,), generator=g, device=x.device)
-    flip = torch.rand(n, generator=g, device=x.device) < 0.5
+    dy = torch.randint(0, 2 * pad + 1, (n,), generator=g, device=g.device).to(x.device)
+    dx = torch.randint(0, 2 * pad + 1, (n,), generator=g, device=g.device).to(x.device)
+    flip = (torch.rand(n, generator=g, device=g.device) < 0.5).to(x.device)
     windows = F.pad(x, (pad, pad, pad, pad)).unfold(2, h, 1).unfold(3, w, 1)    # (N, c, 2pad+1, 2pad+1, h, w) view
     out = windows[order, :, dy, dx]
     return torch.where(flip[:, None, None, None], out.flip(3), out)

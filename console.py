@@ -15,7 +15,7 @@ import devices
 from resnet import ResNet
 
 LONG_RUN_S = 3600        # a CPU run longer than this gets the estimate line
-ESTIMATE_AFTER = 3       # steps timed before that estimate
+ESTIMATE_AFTER = 1       # steps timed before that estimate: a new user on a slow CPU is told at once
 
 
 def duration(seconds):
@@ -75,7 +75,7 @@ def estimate_line(cfg, total_s, rate):
 def progress(cfg, device, total, done, log, elapsed0=0.0, clock=time.time):
     """tick(step, step_in_epoch) to call after each training step (step counts from 1 over the whole run): returns the
     run's ETA in seconds when a step line is due (every cfg.progress_s seconds, and every cfg.log_every steps), else
-    None. On a CPU, after the first steps, it logs the estimate line once if the whole run will take over an hour."""
+    None. On a CPU, after the first step, it logs the estimate line once if the whole run will take over an hour."""
     start = last = clock()
     estimated = device.type != "cpu"
 

@@ -11,6 +11,7 @@ import os
 import pickle
 import socket
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -41,18 +42,30 @@ def network_available(host="www.cs.toronto.edu", timeout=3.0):
 
 
 def fetch_cifar100(root, download=True):
-    """Path of root/cifar-100-python, downloaded (official md5) if missing and possible."""
+    """Path of root/cifar-100-python, downloaded (official md5) if missing and possible. One process downloads, under
+    a lock; the others (the tasks of a SLURM array) wait for it, then read."""
     folder = root / "cifar-100-python"
     if all((folder / f).is_file() for f in FILES):
         return folder
     if download and network_available():
         from torchvision.datasets.utils import download_and_extract_archive
-        print(f"downloading CIFAR-100 to {root} ...", flush=True)
         try:
-            download_and_extract_archive(URL, str(root), md5=MD5)
-        except (OSError, RuntimeError) as e:       # a dropped connection, a full disk, a bad md5
-            raise UserError(f"downloading CIFAR-100 to {root} failed ({type(e).__name__}: {e}); try again, "
-                            f"or put the extracted cifar-100-python/ folder there by hand")
+            root.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise UserError(f"cannot create the data folder {root}: {e.strerror or e}")
+        with files.run_lock(root / "cifar-100-python.lock", wait=True):
+            if all((folder / f).is_file() for f in FILES):      # fetched by another process while this one waited
+                return folder
+            print(f"downloading CIFAR-100 to {root} ...", flush=True)
+            try:
+                with tempfile.TemporaryDirectory(dir=root) as tmp:
+                    download_and_extract_archive(URL, str(root), extract_root=tmp, md5=MD5)
+                    folder.mkdir(exist_ok=True)
+                    for f in FILES:     # each file whole or absent: a process that did not wait never reads half of one
+                        os.replace(Path(tmp) / "cifar-100-python" / f, folder / f)
+            except (OSError, RuntimeError) as e:       # a dropped connection, a full disk, a bad md5
+                raise UserError(f"downloading CIFAR-100 to {root} failed ({type(e).__name__}: {e}); try again, "
+                                f"or put the extracted cifar-100-python/ folder there by hand")
         return folder
     missing = ", ".join(f for f in FILES if not (folder / f).is_file())
     root, folder = root.resolve(), folder.resolve()
@@ -118,10 +131,16 @@ def stratified_subset(idx, labels, n, seed=SPLIT_SEED):
 def load(cfg, device="cpu"):
     """Dict of splits {train, val, test} -> (x uint8 on device, y int64 on device), plus class names and val_idx."""
     root = data_root(cfg.data_dir)
+    if root.exists() and not root.is_dir():
+        raise UserError(f"the data folder {root} is a file: point --data-dir or CIFAR100_ROOT at the folder that holds "
+                        f"cifar-100-python/")
     if cfg.dataset == "synthetic":
         folder = root / "synthetic" / "cifar-100-python"
         if not all((folder / f).is_file() for f in FILES):
-            write_synthetic(folder)
+            try:
+                write_synthetic(folder)
+            except OSError as e:
+                raise UserError(f"cannot generate the synthetic data in {folder}: {e.strerror or e}")
     else:
         folder = fetch_cifar100(root, cfg.download)
     for f in FILES:
@@ -158,11 +177,11 @@ def normalize(x):
 def train_batches(x, y, cfg, epoch, start=0, num_classes=100):
     """Yield the epoch's shuffled, augmented (x, y) batches from batch `start` on; the same for the same seed and epoch.
     With mixup or cutmix on, y is soft targets (B, num_classes) of float probabilities."""
-    g = torch.Generator(device=x.device).manual_seed(cfg.seed * 100_003 + epoch)
-    perm = torch.randperm(len(x), generator=g, device=x.device)
+    g = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch)    # on the CPU: a run resumed on a GPU, same batches
+    perm = torch.randperm(len(x), generator=g, device=g.device).to(x.device)
     images = augment.crop_flip(x, g, perm) if cfg.augment else x[perm]
     if cfg.cutout:      # square centres for the whole epoch, drawn up front: a resumed epoch gets the same squares
-        centres = torch.randint(0, x.shape[-1], (2, len(x)), generator=g, device=x.device)     # square images
+        centres = torch.randint(0, x.shape[-1], (2, len(x)), generator=g, device=g.device).to(x.device)  # square images
     labels, bs, steps = y[perm], cfg.batch_size, steps_per_epoch(len(x), cfg.batch_size)
     # likewise drawn up front for the epoch: a policy seed per group of images, the mixing draws per batch
     policy_seeds = augment.seeds(-(-len(x) // cfg.auto_augment_group), g) if cfg.auto_augment else None
@@ -187,9 +206,10 @@ def steps_per_epoch(n, batch_size):
     return max(1, n // batch_size)
 
 
-def eval_batches(x, y, batch_size=1000):
+def eval_batches(x, batch_size=1000):
+    """The images x, normalised, batch_size at a time, in order."""
     for i in range(0, len(x), batch_size):
-        yield normalize(x[i:i + batch_size]), y[i:i + batch_size]
+        yield normalize(x[i:i + batch_size])
 
 
 # ----------------------------------------------------------------------------

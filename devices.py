@@ -13,12 +13,14 @@ fp16), torch.compile and the CPU threads; and the versions stored with each run.
     python -c "import devices, config; print(devices.setup(config.resolve('smoke')))"
 """
 import contextlib
+import functools
 import os
 import platform
 import subprocess
 from pathlib import Path
 
 import torch
+import torch._inductor.config
 
 from config import UserError
 
@@ -157,10 +159,25 @@ def choice_text(cfg, device):
 
 def compile_model(model, cfg):
     """torch.compile for static shapes. Dynamo keys its graphs on the code, not the model object, so every later
-    model of the same shapes in this process (the warm-up copy, the next config of a grid) reuses them."""
-    torch._dynamo.config.cache_size_limit = 64     # note: past this many shapes dynamo silently runs eager (default 8)
+    model of the same shapes in this process (the next config of a grid) reuses them."""
+    limit = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"
+    setattr(torch._dynamo.config, limit, 64)       # note: past this many shapes dynamo silently runs eager (default 8)
+    if cfg.deterministic and hasattr(torch._inductor.config, "deterministic"):
+        torch._inductor.config.deterministic = True    # no on-device benchmarking of kernels: it changes numerics
     mode = cfg.compile if cfg.compile in ("reduce-overhead", "max-autotune-no-cudagraphs") else None
     return torch.compile(model, dynamic=False, mode=mode)
+
+
+@contextlib.contextmanager
+def compile_errors():
+    """A torch.compile that fails at its first call (Inductor needs a working C/C++ compiler, and Triton on CUDA) as
+    one UserError line naming the cause, instead of pages of traceback."""
+    try:
+        yield
+    except torch._dynamo.exc.BackendCompilerFailed as e:   # wraps what failed (a missing compiler, Triton)
+        cause = next((line.strip() for line in str(e).splitlines() if line.strip()), type(e).__name__)
+        raise UserError(f"torch.compile failed: {cause[:300]}; Inductor needs a working C/C++ compiler (and Triton on "
+                        f"CUDA): install one, or run eager with --no-compile") from None
 
 
 # ----------------------------------------------------------------------------
@@ -193,12 +210,17 @@ def to_model_format(x):
     return x.contiguous(memory_format=torch.channels_last)
 
 
+@functools.cache
+def git_revision():
+    """The short git revision of this code, or None; asked once per process (versions() goes into every save)."""
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              cwd=Path(__file__).parent, timeout=5).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
 def versions():
     """torch/CUDA versions, GPU name and git revision, stored with every run."""
-    try:
-        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                             cwd=Path(__file__).parent, timeout=5).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        rev = ""
     return {"torch": str(torch.__version__), "cuda": torch.version.cuda, "python": platform.python_version(),
-            "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None, "git": rev or None}
+            "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None, "git": git_revision()}

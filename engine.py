@@ -7,6 +7,7 @@ import copy
 import csv
 import json
 import math
+import os
 import signal
 import time
 from dataclasses import asdict
@@ -26,6 +27,7 @@ PREEMPTED_EXIT = 75         # exit code after a stop signal: last.ckpt is saved,
 INTERRUPTED_EXIT = 130      # after Ctrl-C (128 + SIGINT, as shells expect); last.ckpt is saved as well
 STOPPED_AT_ONCE = ("stopped at once by a second Ctrl-C: nothing saved since the last checkpoint; "
                    "--resume goes on from it")
+OUT_OF_MEMORY = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)    # any device's (older torch: CUDA's)
 RESUMABLE_CHANGES = {"data_dir", "download", "device", "compile", "threads", "log_every", "progress_s", "out_dir",
                      "note", "deterministic", "lrfind_start", "lrfind_end", "lrfind_iters", "lrfind_diverge", "lrfind_stop"}
 
@@ -47,13 +49,18 @@ class Preempted(Exception):
 # ----------------------------------------------------------------------------
 # compile warm-up
 
-def warm_up(model, cfg, x, y, precision):
-    """Compile one training step on a throwaway copy; returns its seconds, so that training time excludes them."""
-    probe = copy.deepcopy(model)
+def warm_up(model, compiled, cfg, x, y, precision):
+    """Compile the training step before training; returns its seconds, so that training time excludes them. The steps
+    run on the model itself (CUDA graphs are recorded on its own parameters), at lr 0 with a throwaway optimizer, and
+    its weights and BN statistics are put back after: training starts as if they had not run."""
+    saved = copy.deepcopy(model.state_dict())
     t0 = time.time()
-    train_step(devices.compile_model(probe, cfg), optim.make_optimizer(probe, cfg), x, y, cfg, 0.0, precision,
-               devices.grad_scaler(x.device, precision))
+    with devices.compile_errors():
+        for _ in range(3 if cfg.compile == "reduce-overhead" else 1):    # CUDA graphs: warm-up, recording, a replay
+            train_step(compiled, optim.make_optimizer(model, cfg), x, y, cfg, 0.0, precision,
+                       devices.grad_scaler(x.device, precision))
     devices.synchronize(x.device)
+    model.load_state_dict(saved)        # in place: the parameters keep the addresses the graphs were recorded on
     return time.time() - t0
 
 
@@ -101,7 +108,7 @@ def predict(model, x, precision="fp32", batch_size=1000):
     was_training = model.training
     model.eval()
     plain, tta = [], []
-    for xb, _ in data.eval_batches(x, x, batch_size):
+    for xb in data.eval_batches(x, batch_size):
         xb = devices.to_model_format(xb)
         with devices.autocast(xb.device, precision):
             logits = model(xb).float()
@@ -197,11 +204,12 @@ def train(cfg, resume=False, log=print):
                 stale.unlink()
         try:
             return train_locked(cfg, device, paths, resume, log)
-        except torch.cuda.OutOfMemoryError:
-            raise UserError(f"out of GPU memory at batch_size {cfg.batch_size}: try --set batch_size="
-                            f"{max(1, cfg.batch_size // 2)} (checkpoints so far are kept)")
+        except OUT_OF_MEMORY:
+            raise UserError(f"out of memory on {device.type} at batch_size {cfg.batch_size}: try --set batch_size="
+                            f"{max(1, cfg.batch_size // 2)}, a fresh start, which keeps this run's files under "
+                            f"{paths['csv'].parent / 'old'}/")
         except OSError as e:   # a full disk or a folder gone read-only: the files written before are kept
-            raise UserError(f"cannot write to {paths['csv'].parent}: {e.strerror or e}")
+            raise UserError(files.os_error_line(e, paths["csv"].parent))
 
 
 def train_locked(cfg, device, paths, resume, log):
@@ -212,8 +220,10 @@ def train_locked(cfg, device, paths, resume, log):
             raise UserError(f"{paths['last']} holds no training state (optimizer, RNG): it is not a .last.ckpt")
         changed = {k for k, v in state["config"].items() if getattr(cfg, k, None) != v} - RESUMABLE_CHANGES
         if changed:
+            again = "FRESH=1 sbatch slurm.sh (a grid: another --out)" if os.environ.get("SLURM_JOB_ID") else \
+                "run without --resume"
             raise UserError(f"{paths['last']} was made with other settings ({', '.join(sorted(changed))}); "
-                            f"resume with the same config, or run without --resume to start again")
+                            f"resume with the same config, or {again} to start again")
         finished = state.get("finished") and paths["summary"].exists()
         summary = json.loads(paths["summary"].read_text()) if finished else {}
         if "test_acc" in summary:       # not the record written at the start of a run that died before its end
@@ -268,7 +278,7 @@ def train_locked(cfg, device, paths, resume, log):
     compiled, compile_s = model, 0.0
     if devices.use_compile(cfg, device):
         compiled = devices.compile_model(model, cfg)
-        compile_s = warm_up(model, cfg, *first_batch, precision)
+        compile_s = warm_up(model, compiled, cfg, *first_batch, precision)
         log(f"compiled in {compile_s:.1f}s (kept apart from training time)")
     files.write_json({"name": cfg.name, "status": "started", "started": started, "params": model.num_params(),
                       "first_batch_loss": first_batch_loss, "device": str(device), "config": asdict(cfg),

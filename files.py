@@ -36,17 +36,18 @@ def run_paths(cfg):
             [("csv", ".csv"), ("best", ".ckpt"), ("last", ".last.ckpt"), ("summary", ".json"), ("lock", ".lock")]}
 
 
-def eval_paths(folder, name, split="test", last=False):
-    """run_eval.py's result files: <name>[.last][.val].eval.json and the matching .per_class.csv."""
-    stem = name + (".last" if last else "") + ("" if split == "test" else f".{split}")
-    return Path(folder) / f"{stem}.eval.json", Path(folder) / f"{stem}.per_class.csv"
+def eval_paths(checkpoint, split="test"):
+    """run_eval.py's result files, beside the checkpoint and named after its file: out/best_v1.ckpt ->
+    out/best_v1[.val].eval.json and the matching .per_class.csv (out/best.last.ckpt -> out/best.last.eval.json)."""
+    checkpoint = Path(checkpoint)
+    stem = checkpoint.name.removesuffix(".ckpt") + ("" if split == "test" else f".{split}")
+    return checkpoint.with_name(f"{stem}.eval.json"), checkpoint.with_name(f"{stem}.per_class.csv")
 
 
 def earlier_run(cfg):
     """The files an earlier run of this name left: epoch CSV, checkpoints, record, and run_eval.py's results."""
     paths = run_paths(cfg)
-    evals = [p for split in ("test", "val") for last in (False, True)
-             for p in eval_paths(cfg.out_dir, cfg.name, split, last)]
+    evals = [p for split in ("test", "val") for kind in ("best", "last") for p in eval_paths(paths[kind], split)]
     return [p for p in [paths[k] for k in ("csv", "best", "last", "summary")] + evals if p.exists()]
 
 
@@ -87,6 +88,13 @@ def retire_earlier_run(cfg):
     for path in sorted(earlier, key=lambda p: p == summary):       # the record last: a move cut short keeps its time
         path.replace(folder / path.name)
     return folder
+
+
+def os_error_line(e, out):
+    """An OSError of a run as one line: a failed write of the run's own files (a full disk, a folder gone read-only)
+    names its folder out; any other OS error names its own file."""
+    inside = e.filename is None or Path(os.path.abspath(e.filename)).is_relative_to(os.path.abspath(out))
+    return f"cannot write to {out}: {e.strerror or e}" if inside else f"{e.strerror or e}: {e.filename}"
 
 
 @contextlib.contextmanager

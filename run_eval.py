@@ -4,9 +4,11 @@
     python run_eval.py out/best.ckpt --split val --no-tta
     python run_eval.py out/smoke.ckpt --data-dir /tmp/data
     python run_eval.py out/best.last.ckpt            # the weights of the last save: out/best.last.eval.json
+    python run_eval.py out/best_v1.ckpt              # a renamed copy: out/best_v1.eval.json, named after the file
 """
 import argparse
 import math
+import os
 import sys
 from pathlib import Path
 
@@ -19,13 +21,21 @@ import files
 from config import CHOICES, UserError
 
 
+def eval_data_dir(asked, stored):
+    """--data-dir, else $CIFAR100_ROOT, else the training run's folder where it exists on this machine, else ./data."""
+    if asked is not None:
+        return asked
+    if os.environ.get("CIFAR100_ROOT"):
+        return os.environ["CIFAR100_ROOT"]
+    return stored if stored and Path(stored).expanduser().is_dir() else "data"
+
+
 def evaluate_checkpoint(path, split="test", tta=None, data_dir=None, device="auto"):
     """Everything run_eval.py prints, as a dict; per-class accuracies under 'per_class'."""
     ckpt = files.load_checkpoint(path)
     cfg = files.config_from(ckpt)
     cfg.device = device
-    if data_dir is not None:
-        cfg.data_dir = data_dir
+    cfg.data_dir = eval_data_dir(data_dir, cfg.data_dir)
     tta = cfg.tta if tta is None else tta
     device = devices.setup(cfg)
     last = "optimizer" in ckpt          # a .last.ckpt: the weights of its save, not those of the best epoch
@@ -58,11 +68,14 @@ def evaluate_checkpoint(path, split="test", tta=None, data_dir=None, device="aut
     return result
 
 
-def write_outputs(result, folder):
-    """<name>[.last][.val].eval.json and the matching .per_class.csv (files.eval_paths)."""
-    json_path, csv_path = files.eval_paths(folder, result["name"], result["split"], result["last"])
-    files.write_json({k: v for k, v in result.items() if k != "per_class"}, json_path)
-    files.write_csv(csv_path, ["class", "name", "n", "acc"], result["per_class"])
+def write_outputs(result):
+    """<checkpoint file>[.val].eval.json and the matching .per_class.csv, beside the checkpoint (files.eval_paths)."""
+    json_path, csv_path = files.eval_paths(result["checkpoint"], result["split"])
+    try:
+        files.write_json({k: v for k, v in result.items() if k != "per_class"}, json_path)
+        files.write_csv(csv_path, ["class", "name", "n", "acc"], result["per_class"])
+    except OSError as e:       # a read-only or full folder beside the checkpoint
+        raise UserError(f"cannot write {e.filename2 or e.filename or json_path.parent}: {e.strerror or e}")
     return json_path, csv_path
 
 
@@ -72,16 +85,17 @@ def main():
     p.add_argument("--split", default="test", choices=["test", "val"])
     p.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None,
                    help="average with horizontally flipped images (default: as the run was configured)")
-    p.add_argument("--data-dir", help="folder holding cifar-100-python/ (default: the run's, $CIFAR100_ROOT or ./data)")
+    p.add_argument("--data-dir", help="folder holding cifar-100-python/ (default: $CIFAR100_ROOT, else the run's "
+                                      "folder if it exists here, else ./data)")
     p.add_argument("--device", default="auto", choices=CHOICES["device"])
     args = p.parse_args()
     try:
         r = evaluate_checkpoint(args.checkpoint, args.split, args.tta, args.data_dir, args.device)
-        written = write_outputs(r, args.checkpoint.parent)
+        written = write_outputs(r)
     except UserError as e:
         sys.exit(f"error: {e}")
-    except OSError as e:       # a read-only or full folder beside the checkpoint
-        sys.exit(f"error: cannot write {e.filename2 or e.filename}: {e.strerror}")
+    except OSError as e:       # one not of the result files (write_outputs names those)
+        sys.exit(f"error: {e.strerror or e}: {e.filename}")
     print(f"{r['name']} {r['weights']} | {r['split']} n={r['n']} tta={r['tta']} | loss {r['loss']:.4f} | "
           f"top-1 {100 * r['acc']:.2f}% | top-5 {100 * r['top5']:.2f}% | "
           f"top-1 without TTA {100 * r['acc_plain']:.2f}%, with flip TTA {100 * r['acc_tta']:.2f}%")

@@ -116,7 +116,10 @@ def main():
                            f"{cfg.lrfind_diverge:g}x the {cfg.lrfind_stop} loss's minimum", out / f"{cfg.name}.lrfind.*"),
           flush=True)
     try:
-        rows, stop = lr_sweep(model, cfg, *d["train"], args.smooth, log=lambda line: print(line, flush=True))
+        with devices.compile_errors():
+            rows, stop = lr_sweep(model, cfg, *d["train"], args.smooth, log=lambda line: print(line, flush=True))
+    except config.UserError as e:
+        sys.exit(f"error: {e}")
     except KeyboardInterrupt:
         print("interrupted (Ctrl-C): the sweep stopped, no file written", file=sys.stderr)
         sys.exit(engine.INTERRUPTED_EXIT)

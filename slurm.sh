@@ -5,6 +5,7 @@
 #   sbatch slurm.sh                                        # trains EXP=best
 #   EXP=report sbatch slurm.sh --data-dir ~/data --epochs 5   # flags go on to run_train.py
 #   GRID=report_grid sbatch --array=0-23 slurm.sh          # one config of the grid per array task
+#   FRESH=1 sbatch slurm.sh                                # start again, without --resume (the experiment changed)
 #   scancel --signal=USR1 --batch JOBID                    # save, requeue and resume now
 #
 # Before the time limit SLURM sends USR1 to this shell (B:USR1@120), which passes it on to Python; the
@@ -31,10 +32,18 @@ echo "== gpu: ${gpu:-none found by nvidia-smi} (CUDA_VISIBLE_DEVICES=${CUDA_VISI
 rev=$(git rev-parse --short HEAD 2>/dev/null) && { git diff --quiet HEAD 2>/dev/null || rev="$rev + local changes"; }
 echo "== git: ${rev:-unknown}"
 
+resume=--resume
+if [ "${FRESH:-}" = 1 ] && [ "${SLURM_RESTART_COUNT:-0}" = 0 ]; then    # a requeued FRESH=1 job resumes its own run
+    resume=""
+fi
 if [ -n "${GRID:-}" ]; then
+    if [ "${FRESH:-}" = 1 ]; then
+        echo "error: FRESH=1 starts an EXP job again; a grid resumes each config: give it another --out" >&2
+        exit 2
+    fi
     cmd=(python run_grid.py --grid "$GRID" --index "${SLURM_ARRAY_TASK_ID:?GRID needs an array job: sbatch --array=0-N}" "$@")
 else
-    cmd=(python run_train.py --exp "${EXP:-best}" --resume "$@")
+    cmd=(python run_train.py --exp "${EXP:-best}" $resume "$@")
 fi
 echo "== ${cmd[*]}"
 

@@ -1,18 +1,24 @@
 """Bad input: one clear `error:` line, a non-zero exit, and the files already written left untouched."""
+import errno
 import re
 import shutil
 import signal
+import subprocess
+import sys
 
 import pytest
 import torch
+from torch._inductor.exc import InductorError
 
 import config
 import data
+import devices
 import engine
 import files
 import run_eval
+import run_lrfind
 import run_train
-from fault_helpers import SMALL, assert_one_error_line, main_error, run, snapshot
+from fault_helpers import ENV, REPO, SMALL, assert_one_error_line, main_error, run, snapshot
 from resnet import ResNet
 
 
@@ -228,3 +234,51 @@ def test_command_line_errors_print_exactly_one_line(work, case):
     before = snapshot(w)
     assert_one_error_line(run(*argv))
     assert snapshot(w) == before
+
+
+# ----------------------------------------------------------------------------
+# what a cluster user meets: no C/C++ compiler for torch.compile, an OS error that is not the run's own write
+
+TINY_COMPILED = ["--exp", "smoke", "--compile", "--device", "cpu", "--set", "blocks=[1]", "--set", "channels=[8]",
+                 "--set", "subset=64", "--set", "batch_size=32", "--epochs", "1", "--set", "lrfind_iters=10"]
+
+
+def test_compile_without_a_working_compiler_is_one_line_naming_it_and_suggesting_no_compile(tmp_path):
+    env = {**ENV, "CXX": str(tmp_path / "no-such-g++"), "CC": str(tmp_path / "no-such-gcc"),
+           "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor")}     # an empty cache: the compiler is needed
+    argv = [*TINY_COMPILED, "--data-dir", tmp_path / "data", "--out", tmp_path / "out"]
+    proc = subprocess.run([sys.executable, "run_train.py", *map(str, argv)], cwd=REPO, env=env, text=True,
+                          capture_output=True, timeout=180)
+    line = assert_one_error_line(proc)
+    assert "torch.compile failed" in line and "no-such-g++" in line and line.endswith("--no-compile"), line
+
+
+def test_lr_sweep_whose_compile_fails_is_one_line_suggesting_no_compile(tmp_path, monkeypatch, capsys):
+    def no_compiler(*args):
+        raise InductorError(RuntimeError("InvalidCxxCompiler: No working C++ compiler found"), None)
+    monkeypatch.setattr(devices, "compile_model", lambda model, cfg: no_compiler)
+    message = main_error(run_lrfind, [*TINY_COMPILED, "--data-dir", tmp_path / "data", "--out", tmp_path / "out"],
+                         monkeypatch, capsys)
+    assert "torch.compile failed: RuntimeError: InvalidCxxCompiler" in message and message.endswith("--no-compile")
+
+
+@pytest.mark.parametrize("in_the_way, expected", [("", "the data folder {data_dir} is a file"),
+                                                   ("synthetic", "cannot generate the synthetic data in {data_dir}/")])
+def test_a_data_dir_that_is_a_file_is_one_line_that_does_not_blame_the_output_folder(tmp_path, in_the_way, expected):
+    data_dir = tmp_path / "hostname"
+    if in_the_way:
+        data_dir.mkdir()
+    (data_dir / in_the_way).write_text("node17\n")
+    line = assert_one_error_line(run("run_train.py", "--exp", "smoke", "--set", f"data_dir={data_dir}",
+                                     "--out", tmp_path / "out"))
+    assert "cannot write" not in line and expected.format(data_dir=data_dir) in line, line
+
+
+def test_an_os_error_outside_the_runs_own_files_names_its_file_not_the_output_folder(work, monkeypatch, capsys):
+    w, args = work
+
+    def unreadable(*a, **kw):
+        raise PermissionError(errno.EACCES, "Permission denied", "/shared/datasets/cifar-100-python/train")
+    monkeypatch.setattr(data, "load", unreadable)
+    message = refused(run_train, args, w, monkeypatch, capsys)
+    assert message == "error: Permission denied: /shared/datasets/cifar-100-python/train"

@@ -101,6 +101,14 @@ def test_a_cpu_run_over_an_hour_gets_one_estimate_line_naming_a_cpu_recipe_and_c
     assert short == []
 
 
+def test_a_long_cpu_run_gets_its_estimate_after_the_first_timed_step():
+    lines = []
+    tick = console.progress(config.resolve("best"), torch.device("cpu"), total=2610, done=0, log=lines.append,
+                            clock=fake_clock(40.0))     # best on a 2-core CPU: 40 s a step
+    tick(1, 1)
+    assert len(lines) == 1 and lines[0].startswith("estimate: best takes about 29.0 h on this CPU (13 img/s)")
+
+
 def test_cpu_recipe_is_the_cpu_experiment_else_the_smallest_on_cifar100(monkeypatch):
     experiments = {"big": {"channels": [64, 128]}, "small": {"blocks": [1, 1], "channels": [8, 16], "epochs": 2},
                    "generated": {"dataset": "synthetic", "channels": [4, 4]}}

@@ -1,4 +1,7 @@
+import concurrent.futures
 import pickle
+import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -95,9 +98,46 @@ def test_train_batches_vary_per_epoch_and_repeat_per_seed():
     assert len(list(data.train_batches(x, y, cfg, 0))) == 4
 
 
+def test_batches_are_drawn_on_the_cpu_so_a_run_on_another_device_sees_the_same_ones(monkeypatch):
+    """The meta device stands for a GPU: its tensors have no values, but every draw that makes the batches must be
+    the CPU's, value for value."""
+    x, y = torch.randint(0, 256, (256, 3, 32, 32), dtype=torch.uint8), torch.arange(256)
+    draws = []
+    for name in ("randperm", "randint", "rand"):
+        def recorded(*args, real=getattr(torch, name), **kwargs):
+            out = real(*args, **kwargs)
+            draws.append(out)
+            return out
+        monkeypatch.setattr(torch, name, recorded)
+    cfg = Config(batch_size=64, cutout=8)
+    cpu_batches = list(data.train_batches(x, y, cfg, epoch=3))
+    cpu_draws, draws[:] = draws[:], []
+    meta_batches = list(data.train_batches(x.to("meta"), y.to("meta"), cfg, epoch=3))
+    assert len(cpu_draws) == 5 and len(draws) == 5      # permutation, crop offsets (2), flips, cutout centres
+    assert all(d.device.type == "cpu" and torch.equal(c, d) for c, d in zip(cpu_draws, draws))
+    assert [b.shape for b, _ in meta_batches] == [b.shape for b, _ in cpu_batches]
+
+
 def test_missing_data_names_the_folder_and_where_to_get_it(tmp_path):
     with pytest.raises(UserError, match="cifar-100-python.*lacks train, test, meta.*--data-dir"):
         data.load(Config(data_dir=str(tmp_path), download=False))
+
+
+def test_tasks_started_together_download_once_and_the_others_wait_then_read(tmp_path, monkeypatch):
+    import torchvision.datasets.utils
+    downloads = []
+
+    def slow_download(url, download_root, extract_root=None, md5=None):
+        downloads.append(url)
+        time.sleep(1.0)                 # long enough for the other task to arrive meanwhile
+        data.write_synthetic(Path(extract_root or download_root) / "cifar-100-python", per_class_train=2,
+                             per_class_test=1)
+    monkeypatch.setattr(torchvision.datasets.utils, "download_and_extract_archive", slow_download)
+    monkeypatch.setattr(data, "network_available", lambda: True)
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        folders = list(pool.map(lambda _: data.fetch_cifar100(tmp_path), range(2)))
+    assert downloads == [data.URL] and folders == [tmp_path / "cifar-100-python"] * 2
+    assert len(data.read_split(folders[0] / "train")[1]) == 200
 
 
 def test_truncated_pickle_is_a_clear_error(tmp_path):

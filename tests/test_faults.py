@@ -1,4 +1,4 @@
-"""Faults: SIGKILL at any moment, determinism, NaN loss, unsafe checkpoints, two runs at once, CUDA out-of-memory."""
+"""Faults: SIGKILL at any moment, determinism, NaN loss, unsafe checkpoints, two runs at once, out of memory."""
 import errno
 import json
 import os
@@ -267,9 +267,9 @@ def test_full_disk_during_a_checkpoint_write_is_one_line_and_keeps_the_previous_
 
 
 # ----------------------------------------------------------------------------
-# 7. CUDA out of memory
+# 7. out of memory
 
-def test_cuda_out_of_memory_suggests_a_smaller_batch_and_keeps_the_checkpoints(
+def test_out_of_memory_suggests_a_smaller_batch_whose_fresh_start_keeps_this_runs_files_under_old(
         data_dir, tmp_path, monkeypatch, capsys):
     real_step, calls, before = engine.train_step, [], {}
 
@@ -277,10 +277,11 @@ def test_cuda_out_of_memory_suggests_a_smaller_batch_and_keeps_the_checkpoints(
         calls.append(1)
         if len(calls) == 8 + 1:
             before.update(snapshot(tmp_path))
-            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
         return real_step(*args)
 
     monkeypatch.setattr(engine, "train_step", oom_in_epoch_2)
     message = main_error(run_train, [*SMALL, *EPOCHS, "--data-dir", data_dir, "--out", tmp_path], monkeypatch, capsys)
-    assert "out of GPU memory at batch_size 32" in message and "batch_size=16" in message
+    assert message == (f"error: out of memory on cpu at batch_size 32: try --set batch_size=16, a fresh start, "
+                       f"which keeps this run's files under {tmp_path / 'old'}/")
     assert snapshot(tmp_path) == before

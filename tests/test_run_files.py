@@ -10,10 +10,13 @@ import sys
 import types
 
 import pytest
+import torch
 
 import config
+import data
 import engine
 import files
+import run_eval
 import run_grid
 import run_train
 from fault_helpers import SMALL, csv_rows, main_error, popen, run, snapshot, synthetic_data
@@ -103,6 +106,42 @@ def test_evaluating_a_last_checkpoint_writes_its_own_files_and_says_which_weight
     assert r.stdout.startswith("smoke last checkpoint, end of epoch 1") and (out / "smoke.last.per_class.csv").exists()
     best = json.loads(best_eval)
     assert best["weights"] == "best epoch 1 (raw weights)"
+
+
+def test_evaluating_a_renamed_copy_names_its_files_after_the_copy_and_leaves_the_runs_alone(
+        finished_run, data_dir, tmp_path):
+    shutil.copytree(finished_run, tmp_path / "out")
+    out = tmp_path / "out"
+    shutil.copy(out / "smoke.ckpt", out / "smoke_v1.ckpt")
+    before = snapshot(out)
+    r = run("run_eval.py", out / "smoke_v1.ckpt", "--data-dir", data_dir)
+    assert r.returncode == 0, r.stderr
+    assert {k: v for k, v in snapshot(out).items() if k in before} == before     # smoke.eval.json among them
+    assert json.loads((out / "smoke_v1.eval.json").read_text())["checkpoint"] == str(out / "smoke_v1.ckpt")
+    assert (out / "smoke_v1.per_class.csv").exists()
+
+
+@pytest.mark.parametrize("flag, env, stored_exists, expected", [
+    ("flag", "env", True, "flag"), (None, "env", True, "env"), (None, "", True, "stored"), (None, "", False, "data")])
+def test_run_eval_reads_data_from_the_flag_then_cifar100_root_then_the_runs_folder_if_it_exists_then_data(
+        finished_run, data_dir, tmp_path, monkeypatch, flag, env, stored_exists, expected):
+    ckpt = torch.load(finished_run / "smoke.ckpt", weights_only=True)
+    stored = str(data_dir if stored_exists else tmp_path / "on-the-training-machine")
+    torch.save({**ckpt, "config": {**ckpt["config"], "data_dir": stored}}, tmp_path / "smoke.ckpt")
+    if env:
+        monkeypatch.setenv("CIFAR100_ROOT", str(tmp_path / "env"))
+    else:
+        monkeypatch.delenv("CIFAR100_ROOT", raising=False)
+    read_from = []
+
+    def load(cfg, device):
+        read_from.append(cfg.data_dir)
+        raise config.UserError("enough")
+    monkeypatch.setattr(data, "load", load)
+    with pytest.raises(config.UserError, match="enough"):
+        run_eval.evaluate_checkpoint(tmp_path / "smoke.ckpt", data_dir=flag and str(tmp_path / "flag"))
+    assert read_from == [{"flag": str(tmp_path / "flag"), "env": str(tmp_path / "env"), "stored": stored,
+                          "data": "data"}[expected]]
 
 
 # ----------------------------------------------------------------------------

@@ -36,12 +36,28 @@ def tiny_cfg(tmp_path, **kw):
 def test_runs_of_the_same_shapes_compile_once_per_process(tmp_path, eager_compile):
     first = engine.train(tiny_cfg(tmp_path, name="a"), log=lambda *_: None)
     engine.train(tiny_cfg(tmp_path, name="b", lr=0.001, label_smoothing=0.1), log=lambda *_: None)
-    assert counters["stats"]["unique_graphs"] == 1          # the warm-up copy, run a and run b share one graph
+    assert counters["stats"]["unique_graphs"] == 1          # the warm-ups, run a and run b share one graph
     engine.train(tiny_cfg(tmp_path, name="c", batch_size=16), log=lambda *_: None)
     assert counters["stats"]["unique_graphs"] == 2          # a new batch shape compiles once more
     assert first["compile_s"] > 0 and first["train_s"] > 0
     ckpt = torch.load(tmp_path / "out" / "a.ckpt", weights_only=True)
     assert not any(k.startswith("_orig_mod.") for k in ckpt["model"])
+
+
+def test_cuda_graph_mode_warms_up_three_steps_on_the_model_itself_and_leaves_training_unchanged(tmp_path, monkeypatch):
+    monkeypatch.setattr(torch, "compile", lambda model, **kw: model)        # the steps, not the code generation
+    real_step, calls = engine.train_step, []
+    monkeypatch.setattr(engine, "train_step", lambda model, *a, **kw: calls.append(model) or real_step(model, *a, **kw))
+    runs = {}
+    for mode in ("off", "on", "reduce-overhead"):
+        calls.clear()
+        engine.train(tiny_cfg(tmp_path, name=mode, compile=mode), log=lambda *_: None)
+        assert all(model is calls[-1] for model in calls)       # the graphs are recorded on the trained parameters
+        runs[mode] = (len(calls), (tmp_path / "out" / f"{mode}.csv").read_text().splitlines())
+    steps = runs["off"][0]
+    assert [runs[m][0] - steps for m in ("on", "reduce-overhead")] == [1, 3]
+    strip = lambda lines: [line.split(",")[:7] for line in lines]       # without the timing columns
+    assert strip(runs["reduce-overhead"][1]) == strip(runs["on"][1]) == strip(runs["off"][1])
 
 
 def test_compile_modes_are_config_choices_and_off_means_eager():
@@ -51,6 +67,17 @@ def test_compile_modes_are_config_choices_and_off_means_eager():
     assert not devices.use_compile(config.resolve("report", [("compile", "off")]), torch.device("cuda"))
     with pytest.raises(config.UserError, match="'compile' must be one of"):
         config.resolve("report", [("compile", "fast")])
+
+
+def test_deterministic_compiled_runs_use_inductors_deterministic_mode(monkeypatch):
+    import torch._inductor.config as inductor
+    monkeypatch.setattr(inductor, "deterministic", False)         # restored after the test
+    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 8)
+    monkeypatch.setattr(torch, "compile", lambda model, **kw: model)
+    devices.compile_model(ResNet([1], [4]), config.resolve("smoke"))
+    assert inductor.deterministic is False and torch._dynamo.config.recompile_limit == 64
+    devices.compile_model(ResNet([1], [4]), config.resolve("smoke", [("deterministic", True)]))
+    assert inductor.deterministic is True
 
 
 def test_ema_update_averages_weights_and_bn_statistics():

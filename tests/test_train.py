@@ -7,12 +7,15 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 import config
+import data
 import devices
 import engine
 import optim
 import files
+from resnet import ResNet
 
 ROOT = Path(__file__).resolve().parent.parent
 TIMING = {"epoch_s", "img_per_s", "elapsed_s"}
@@ -69,6 +72,25 @@ def test_checkpoint_alone_reproduces_the_runs_accuracy(smoke_run):
     assert result["acc"] == pytest.approx(summary["test_acc"], abs=1e-9)
     assert f"top-1 {100 * summary['test_acc']:.2f}%" in test.stdout
     assert "majority class" in test.stdout and (tmp / "out" / "smoke.per_class.csv").is_file()
+
+
+def test_git_revision_is_asked_once_per_process_not_at_every_save(tmp_path, monkeypatch):
+    real_run, asked = subprocess.run, []
+    monkeypatch.setattr(subprocess, "run", lambda args, **kw: asked.append(args) or real_run(args, **kw))
+    summary = engine.train(smoke_cfg(tmp_path, epochs=2, subset=128), log=lambda s: None)     # checkpoints each epoch
+    assert len([a for a in asked if a[:2] == ["git", "rev-parse"]]) <= 1
+    assert summary["versions"] == devices.versions()
+
+
+def test_predict_batches_the_images_alone_and_gives_the_models_logits():
+    real, calls = data.eval_batches, []
+    x = torch.randint(0, 256, (10, 3, 32, 32), dtype=torch.uint8)
+    model = ResNet([1], [4]).eval()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(data, "eval_batches", lambda *args, **kw: calls.append(args) or real(*args, **kw))
+        plain, _ = engine.predict(model, x, batch_size=4)
+    assert [sum(isinstance(a, torch.Tensor) for a in args) for args in calls] == [1]      # no labels: none exist
+    assert torch.allclose(plain, model(data.normalize(x)), atol=1e-5)
 
 
 def test_resume_from_last_checkpoint_matches_an_uninterrupted_run(tmp_path):
