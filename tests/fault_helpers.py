@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+import config
 import data
 import engine
 
@@ -22,6 +23,16 @@ def synthetic_data(folder):
     """A --data-dir holding generated data for dataset=synthetic."""
     data.write_synthetic(Path(folder) / "synthetic" / "cifar-100-python")
     return Path(folder)
+
+
+def small(out, data_dir, *sets, epochs=1):
+    """The tiny smoke config on the CPU: 256 training images, batches of 32 (8 steps an epoch)."""
+    return config.resolve("smoke", [("subset", 256), ("batch_size", 32), ("epochs", epochs), ("device", "cpu"),
+                                     ("data_dir", str(data_dir)), ("out_dir", str(out)), *sets])
+
+
+def quiet(cfg, resume=False):
+    return engine.train(cfg, resume=resume, log=lambda line: None)
 
 
 def popen(*args):

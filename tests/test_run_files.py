@@ -19,22 +19,12 @@ import files
 import run_eval
 import run_grid
 import run_train
-from fault_helpers import SMALL, csv_rows, main_error, popen, run, snapshot, synthetic_data
+from fault_helpers import SMALL, csv_rows, main_error, quiet, small, popen, run, snapshot, synthetic_data
 
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
     return synthetic_data(tmp_path_factory.mktemp("data"))
-
-
-def small(out, data_dir, *sets, epochs=1):
-    """The tiny smoke config on the CPU: 256 training images, batches of 32 (8 steps an epoch)."""
-    return config.resolve("smoke", [("subset", 256), ("batch_size", 32), ("epochs", epochs), ("device", "cpu"),
-                                     ("data_dir", str(data_dir)), ("out_dir", str(out)), *sets])
-
-
-def quiet(cfg, resume=False):
-    return engine.train(cfg, resume=resume, log=lambda line: None)
 
 
 class Killed(BaseException):
