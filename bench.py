@@ -13,8 +13,9 @@ CUDA GPU below capability 8.0); + channels-last; + torch.compile; + CUDA graphs 
 one ordinary step, is its compile time, reported apart. The engine trains like "+ torch.compile" on CUDA (config
 compile=auto; other modes via --set compile=...); on CPU like "+ channels-last" where the CPU has native bf16
 (precision auto, devices.py), else like eager fp32.
-Roofline: the device's matrix throughput (a 2048 x 2048 product, fp32 and bf16, TFLOP/s) beside each mode's achieved
-FLOP/s (the model's training FLOPs per image, counted by torch.utils.flop_counter, times its img/s).
+Roofline (roofline.py): the device's matrix throughput (an n x n product, n up to 2048, fp32 and bf16, TFLOP/s)
+beside each mode's achieved FLOP/s (the model's training FLOPs per image, counted by torch.utils.flop_counter,
+times its img/s).
 Input pipeline: our batched crop + flip + normalise on the device (data.train_batches) against the report's
 torchvision transforms per PIL image through a DataLoader (then copied to the device), in images/s: the best of
 5 epochs against the best of 5 passes (other processes on a small machine make single passes noisy).
@@ -40,6 +41,7 @@ import data
 import devices
 import files
 import optim
+import roofline
 from resnet import ResNet
 
 # key, label, the config keys that switch the augmentation on (crop + flip always on)
@@ -196,52 +198,6 @@ def time_augmentations(x, y, batch_size, keys, groups):
 
 
 # ----------------------------------------------------------------------------
-# the roofline: how close the model's training runs to this device's matrix throughput
-
-def matmul_tflops(device, dtype, seconds=2.0, largest=2048):
-    """TFLOP/s of an n x n matrix product in dtype, n doubled from 256 while the next size takes under seconds / 4 (a CPU
-    without native bf16 takes minutes for one 2048 product), then repeated for about `seconds`."""
-    def product_s(n, reps=1):
-        a, b = (torch.randn(n, n, device=device).to(dtype) for _ in range(2))
-        devices.synchronize(device)
-        t0 = time.perf_counter()
-        for _ in range(reps):
-            a @ b
-        devices.synchronize(device)
-        return (time.perf_counter() - t0) / reps
-
-    n = 256
-    while n < largest and product_s(n) * 8 * 4 < seconds:     # the next size takes 8x longer
-        n *= 2
-    reps = max(2, min(1000, int(seconds / product_s(n))))
-    return 2 * n ** 3 / product_s(n, reps) / 1e12
-
-
-def training_flops_per_image(cfg):
-    """FLOPs of one training image, forward + backward (convolutions and matrix products, counted by torch)."""
-    from torch.utils.flop_counter import FlopCounterMode
-    model, x = ResNet(cfg.blocks, cfg.channels, stem_stride=cfg.stem_stride), torch.randn(8, 3, 32, 32)
-    with FlopCounterMode(display=False) as counter:
-        F.cross_entropy(model(x), torch.zeros(8, dtype=torch.long)).backward()
-    return counter.get_total_flops() / len(x)
-
-
-def roofline(cfg, device, throughput):
-    """Matrix TFLOP/s in fp32 and bf16 beside the FLOP/s each measured mode achieves."""
-    peak = {p: round(matmul_tflops(device, dtype), 4) for p, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16))}
-    per_image = training_flops_per_image(cfg)
-    achieved = {k: round(per_image * rate / 1e12, 4) for k, rate in throughput.items()}
-    return {"matmul_tflops": peak, "gflop_per_train_image": round(per_image / 1e9, 3), "achieved_tflops": achieved}
-
-
-def roofline_line(r):
-    peak, done = r["matmul_tflops"], r["achieved_tflops"]
-    modes = ", ".join(f"{k} {v:.3f}" for k, v in done.items())
-    return (f"roofline | matmul {peak['fp32']:.3f} TFLOP/s fp32, {peak['bf16']:.3f} bf16 | model "
-            f"{r['gflop_per_train_image']:.2f} GFLOP per training image x img/s = {modes} TFLOP/s achieved")
-
-
-# ----------------------------------------------------------------------------
 
 def table(result):
     """The result as Markdown tables: training modes, then input pipelines."""
@@ -377,11 +333,11 @@ def main():
             print(f"{label} | {row['status']} | {row['img_per_s'] or '-'} img/s", flush=True)
         result["modes"].append(row)
         save()
-    result["roofline"] = roofline(cfg, device, result["throughput"])
+    result["roofline"] = roofline.measure(cfg, device, result["throughput"])
     save()
     print()
     print(table(result))
-    print(roofline_line(result["roofline"]))
+    print(roofline.line(result["roofline"]))
     if args.profile:
         precision = devices.pick_precision(cfg, device)[0]      # as the engine trains here
         path = Path(args.out) / f"profile_{args.exp}.txt"

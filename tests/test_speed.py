@@ -118,11 +118,11 @@ def test_bench_prints_a_table_and_writes_pipeline_speedup_mode_throughputs_roofl
 
 
 def test_training_flops_per_image_counts_forward_and_backward_of_every_conv_and_the_classifier():
-    import bench
+    import roofline
     stem, conv, fc = 2 * 3 * 8 * 9 * 32 * 32, 2 * 8 * 8 * 9 * 32 * 32, 2 * 8 * 100
     forward = stem + 2 * conv + fc
     # backward: a weight gradient for every layer, an input gradient for all but the stem (its input needs none)
-    assert bench.training_flops_per_image(config.Config(blocks=[1], channels=[8])) == 3 * forward - stem
+    assert roofline.training_flops_per_image(config.Config(blocks=[1], channels=[8])) == 3 * forward - stem
 
 
 def test_gpu_check_script_is_valid_bash():

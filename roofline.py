@@ -1,0 +1,55 @@
+"""The roofline: how close a model's training runs to this device's matrix throughput (bench.py prints it last).
+
+    python -c "import roofline, config; print(roofline.training_flops_per_image(config.resolve('cpu')) / 1e9)"
+"""
+import time
+
+import torch
+import torch.nn.functional as F
+
+import devices
+from resnet import ResNet
+
+
+def matmul_tflops(device, dtype, seconds=2.0, largest=2048):
+    """TFLOP/s of an n x n matrix product in dtype, n doubled from 256 while the next size takes under seconds / 4 (a CPU
+    without native bf16 takes minutes for one 2048 product), then repeated for about `seconds`."""
+    def product_s(n, reps=1):
+        a, b = (torch.randn(n, n, device=device).to(dtype) for _ in range(2))
+        devices.synchronize(device)
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            a @ b
+        devices.synchronize(device)
+        return (time.perf_counter() - t0) / reps
+
+    n, one_s = 256, product_s(256)
+    while n < largest and one_s * 8 * 4 < seconds:     # the next size takes 8x longer
+        n *= 2
+        one_s = product_s(n)
+    reps = max(2, min(1000, int(seconds / one_s)))
+    return 2 * n ** 3 / product_s(n, reps) / 1e12
+
+
+def training_flops_per_image(cfg):
+    """FLOPs of one training image, forward + backward (convolutions and matrix products, counted by torch)."""
+    from torch.utils.flop_counter import FlopCounterMode
+    model, x = ResNet(cfg.blocks, cfg.channels, stem_stride=cfg.stem_stride), torch.randn(8, 3, 32, 32)
+    with FlopCounterMode(display=False) as counter:
+        F.cross_entropy(model(x), torch.zeros(8, dtype=torch.long)).backward()
+    return counter.get_total_flops() / len(x)
+
+
+def measure(cfg, device, throughput):
+    """Matrix TFLOP/s in fp32 and bf16 beside the FLOP/s each measured mode achieves."""
+    peak = {p: round(matmul_tflops(device, dtype), 4) for p, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16))}
+    per_image = training_flops_per_image(cfg)
+    achieved = {k: round(per_image * rate / 1e12, 4) for k, rate in throughput.items()}
+    return {"matmul_tflops": peak, "gflop_per_train_image": round(per_image / 1e9, 3), "achieved_tflops": achieved}
+
+
+def line(r):
+    peak, done = r["matmul_tflops"], r["achieved_tflops"]
+    modes = ", ".join(f"{k} {v:.3f}" for k, v in done.items())
+    return (f"roofline | matmul {peak['fp32']:.3f} TFLOP/s fp32, {peak['bf16']:.3f} bf16 | model "
+            f"{r['gflop_per_train_image']:.2f} GFLOP per training image x img/s = {modes} TFLOP/s achieved")
