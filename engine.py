@@ -125,11 +125,14 @@ def metrics(logits, y):
             "top5": (top5 == y[:, None]).any(1).float().mean().item()}
 
 
-def evaluate(model, x, y, tta=False, precision="fp32"):
+def scores(plain, flipped, y, tta):
     """metrics() of the logits the run's tta setting picks, plus top-1 without TTA (acc_plain) and with it (acc_tta)."""
-    plain, flipped = predict(model, x, precision)
     return {**metrics(flipped if tta else plain, y), "acc_plain": metrics(plain, y)["acc"],
             "acc_tta": metrics(flipped, y)["acc"]}
+
+
+def evaluate(model, x, y, tta=False, precision="fp32"):
+    return scores(*predict(model, x, precision), y, tta)
 
 
 # ----------------------------------------------------------------------------

@@ -53,8 +53,7 @@ def evaluate_checkpoint(path, split="test", tta=None, data_dir=None, device="aut
     plain, flipped = engine.predict(model, x, devices.pick_precision(cfg, device)[0])
     logits = flipped if tta else plain
     result = {"checkpoint": str(path), "name": cfg.name, "weights": weights, "last": last, "split": split, "tta": tta,
-              "n": len(y), **engine.metrics(logits, y), "acc_plain": engine.metrics(plain, y)["acc"],
-              "acc_tta": engine.metrics(flipped, y)["acc"], "epoch": ckpt.get("epoch"),
+              "n": len(y), **engine.scores(plain, flipped, y, tta), "epoch": ckpt.get("epoch"),
               "val_acc_at_save": ckpt.get("metrics", {}).get("val_acc")}
     n_classes = len(d["classes"])
     majority = torch.bincount(d["train"][1], minlength=n_classes).argmax()
