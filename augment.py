@@ -14,18 +14,27 @@ import torch
 import torch.nn.functional as F
 
 
-def crop_flip(x, g, order=None, pad=4):
+def crop_flip(x, g, order=None, pad=4, flip=None):
     """RandomCrop(32, padding=pad) + RandomHorizontalFlip of the images x[order] (default: all of x), one draw per
-    image: one indexed copy (which also does the shuffle) and one select."""
+    image: one indexed copy (which also does the shuffle) and one select. flip (bool per image of x[order]) replaces
+    the flips drawn (which are drawn all the same: the same crops either way)."""
     _, _, h, w = x.shape
     order = torch.arange(len(x), device=x.device) if order is None else order
     n = len(order)
     dy = torch.randint(0, 2 * pad + 1, (n,), generator=g, device=g.device).to(x.device)
     dx = torch.randint(0, 2 * pad + 1, (n,), generator=g, device=g.device).to(x.device)
-    flip = (torch.rand(n, generator=g, device=g.device) < 0.5).to(x.device)
+    drawn = (torch.rand(n, generator=g, device=g.device) < 0.5).to(x.device)
+    flip = drawn if flip is None else flip
     windows = F.pad(x, (pad, pad, pad, pad)).unfold(2, h, 1).unfold(3, w, 1)    # (N, c, 2pad+1, 2pad+1, h, w) view
     out = windows[order, :, dy, dx]
     return torch.where(flip[:, None, None, None], out.flip(3), out)
+
+
+def alternating_flips(n, seed, epoch):
+    """airbench's derandomised flip: each of n images flipped at random (seeded) in epoch 0, then the other way
+    round each epoch after: every image is seen both ways in any two epochs in a row."""
+    first = torch.rand(n, generator=torch.Generator().manual_seed(seed * 100_003 + 77)) < 0.5
+    return first ^ bool(epoch % 2)
 
 
 def cutout_(x, centres, size):

@@ -26,7 +26,10 @@ class Config:
     data_dir: str = ""             # "" -> env CIFAR100_ROOT, else ./data
     download: bool = True          # fetch CIFAR-100 when missing and the network is there
     subset: int = 0                # training images kept (stratified); 0 = all
-    augment: bool = True           # RandomCrop(32, padding=4) + horizontal flip
+    augment: bool = True           # RandomCrop(32, padding=crop_pad) + horizontal flip
+    crop_pad: int = 4              # the random crop's zero padding each side: translations up to this many pixels
+    flip: str = "random"           # "random" (each image, each epoch) or "alternate" (random in the first epoch, then
+                                   # each image's flip inverted every epoch: airbench's derandomised flip)
     cutout: int = 0                # side of the square set to the mean per training image; 0 = off
     auto_augment: str = ""         # "" (off), "ta_wide" (TrivialAugmentWide), "ra" (RandAugment), "aa_cifar10" (AutoAugment)
     auto_augment_group: int = 16   # images that share one draw of the policy (one torchvision call per group)
@@ -38,6 +41,8 @@ class Config:
     blocks: list = field(default_factory=lambda: [3, 3, 3])
     channels: list = field(default_factory=lambda: [64, 128, 256])
     stem_stride: int = 1           # 1: the report's 3x3 conv stem; s > 1: an s x s patch conv of stride s (s^2 x fewer pixels)
+    stem_init: str = ""            # "whiten": the stem's filters from the whitening of training patches (airbench), as
+                                   # +/- pairs of eigenvectors (2 x 3k^2 of them for a k x k stem); "" = random
     init: str = ""                 # a checkpoint (.ckpt or .last.ckpt) of the same architecture whose weights start
                                    # a fresh run (fine-tuning); the optimizer and schedule start afresh; "" = random
     # optim
@@ -46,6 +51,7 @@ class Config:
     momentum: float = 0.9          # SGD momentum, Adam beta1
     nesterov: bool = True
     weight_decay: float = 1e-4
+    bn_bias_lr: float = 1.0        # LR multiplier of the BatchNorm biases (their weight decay per step unchanged)
     label_smoothing: float = 0.0
     batch_size: int = 128
     epochs: int = 20
@@ -60,6 +66,8 @@ class Config:
     val_every: int = 1             # validate every N epochs, and always after the last; best chosen among those
     ema: float = 0.0               # decay of an exponential moving average of weights; 0 = off
     tta: bool = False              # average logits over the image and its horizontal flip
+    tta_translate: int = 0         # TTA also averages the flip pair of the image shifted by this many pixels up-left
+                                   # and down-right (airbench's multi-crop: weights 1/2, 1/4, 1/4); 0 = flip only
     # LR finder (run_lrfind.py; its --start, --end, --iters, --diverge and --stop override these)
     lrfind_start: float = 1e-7     # first LR of the sweep, growing exponentially to lrfind_end
     lrfind_end: float = 10.0
@@ -84,7 +92,8 @@ class Config:
 
 CHOICES = {"dataset": ("cifar100", "synthetic"), "optimizer": ("sgd", "adam", "adamw"), "lrfind_stop": ("smooth", "raw"),
            "schedule": ("constant", "cosine", "onecycle", "multistep"), "device": ("auto", "cuda", "xpu", "mps", "cpu"),
-           "precision": ("auto", "bf16", "fp16", "fp32"), "auto_augment": ("", "ta_wide", "ra", "aa_cifar10"),
+           "precision": ("auto", "bf16", "fp16", "fp32"),
+           "flip": ("random", "alternate"), "stem_init": ("", "whiten"), "auto_augment": ("", "ta_wide", "ra", "aa_cifar10"),
            "compile": ("auto", "on", "off", "reduce-overhead", "max-autotune-no-cudagraphs")}
 FIELD_TYPES = {f.name: type(f.default) if f.default is not dataclasses.MISSING else list
                for f in dataclasses.fields(Config)}
@@ -121,7 +130,8 @@ def check_value(key, value):
 
 def validate(cfg):
     """Reject impossible combinations and out-of-range values."""
-    positive = ["lr", "batch_size", "epochs", "stem_stride", "val_every", "lrfind_start", "auto_augment_group", "gamma"]
+    positive = ["lr", "batch_size", "epochs", "stem_stride", "val_every", "lrfind_start", "auto_augment_group", "gamma",
+                "bn_bias_lr"]
     non_negative = ["weight_decay", "subset", "cutout", "momentum", "warmup", "final_lr", "log_every", "progress_s",
                     "mixup", "cutmix", "threads"]
     for key in positive:
@@ -133,6 +143,9 @@ def validate(cfg):
     for key in ["label_smoothing", "ema", "momentum", "warmup"]:
         if not 0 <= getattr(cfg, key) < 1:
             raise UserError(f"config key '{key}' must be in [0, 1), got {getattr(cfg, key)}")
+    for key in ["crop_pad", "tta_translate"]:      # pixels: a shift within a quarter of the 32-pixel side
+        if not 0 <= getattr(cfg, key) <= 8:
+            raise UserError(f"config key '{key}' must be in [0, 8] pixels, got {getattr(cfg, key)}")
     for key in ["mix_prob", "mix_switch"]:
         if not 0 <= getattr(cfg, key) <= 1:
             raise UserError(f"config key '{key}' must be in [0, 1], got {getattr(cfg, key)}")

@@ -178,8 +178,10 @@ def train_batches(x, y, cfg, epoch, start=0, num_classes=100):
     """Yield the epoch's shuffled, augmented (x, y) batches from batch `start` on; the same for the same seed and epoch.
     With mixup or cutmix on, y is soft targets (B, num_classes) of float probabilities."""
     g = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch)    # on the CPU: a run resumed on a GPU, same batches
-    perm = torch.randperm(len(x), generator=g, device=g.device).to(x.device)
-    images = augment.crop_flip(x, g, perm) if cfg.augment else x[perm]
+    order = torch.randperm(len(x), generator=g, device=g.device)
+    perm = order.to(x.device)
+    flip = augment.alternating_flips(len(x), cfg.seed, epoch)[order].to(x.device) if cfg.flip == "alternate" else None
+    images = augment.crop_flip(x, g, perm, cfg.crop_pad, flip) if cfg.augment else x[perm]
     if cfg.cutout:      # square centres for the whole epoch, drawn up front: a resumed epoch gets the same squares
         centres = torch.randint(0, x.shape[-1], (2, len(x)), generator=g, device=g.device).to(x.device)  # square images
     labels, bs, steps = y[perm], cfg.batch_size, steps_per_epoch(len(x), cfg.batch_size)

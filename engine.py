@@ -21,7 +21,7 @@ import devices
 import files
 import optim
 from config import UserError
-from resnet import ResNet
+from resnet import ResNet, whiten_
 
 PREEMPTED_EXIT = 75         # exit code after a stop signal: last.ckpt is saved, requeue and --resume
 INTERRUPTED_EXIT = 130      # after Ctrl-C (128 + SIGINT, as shells expect); last.ckpt is saved as well
@@ -76,7 +76,7 @@ def train_step(model, opt, x, y, cfg, lr, precision="fp32", scaler=None):
     as device tensors, no host sync: loss is the plain cross-entropy of the batch (what val_loss is), objective the
     loss minimised (with label smoothing)."""
     for group in opt.param_groups:
-        group["lr"] = lr
+        group["lr"] = lr * group.get("lr_scale", 1.0)       # bn_bias_lr (optim.make_optimizer)
     with devices.autocast(x.device, precision):
         logits = model(devices.to_model_format(x))
     objective = F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing)
@@ -103,17 +103,26 @@ def update_ema(averaged, model, decay):
 # evaluation
 
 @torch.no_grad()
-def predict(model, x, precision="fp32", batch_size=1000):
-    """Logits (float32) of every image in uint8 x, in one pass: plain, and averaged with the flipped image's (TTA)."""
+def predict(model, x, precision="fp32", batch_size=1000, translate=0):
+    """Logits (float32) of every image in uint8 x, in one pass: plain, and TTA's: averaged with the flipped image's,
+    and with translate > 0 also with the flip pairs of the image shifted (reflect padding) by translate pixels
+    up-left and down-right, weighted 1/2, 1/4, 1/4 (airbench's multi-crop)."""
     was_training = model.training
     model.eval()
     plain, tta = [], []
-    for xb in data.eval_batches(x, batch_size):
-        xb = devices.to_model_format(xb)
-        with devices.autocast(xb.device, precision):
-            logits = model(xb).float()
+    def flip_pair(xb):
+        return (model(devices.to_model_format(xb)).float() + model(devices.to_model_format(xb.flip(3))).float()) / 2
+
+    with devices.autocast(x.device, precision):
+        for xb in data.eval_batches(x, batch_size):
+            logits = model(devices.to_model_format(xb)).float()
             plain.append(logits)
-            tta.append((logits + model(xb.flip(3)).float()) / 2)
+            mirrored = (logits + model(devices.to_model_format(xb.flip(3))).float()) / 2
+            if translate:
+                (h, w), t = xb.shape[-2:], translate
+                padded = F.pad(xb, (t, t, t, t), mode="reflect")
+                mirrored = mirrored / 2 + (flip_pair(padded[..., :h, :w]) + flip_pair(padded[..., 2 * t:, 2 * t:])) / 4
+            tta.append(mirrored)
     model.train(was_training)
     return torch.cat(plain), torch.cat(tta)
 
@@ -131,8 +140,8 @@ def scores(plain, flipped, y, tta):
             "acc_tta": metrics(flipped, y)["acc"]}
 
 
-def evaluate(model, x, y, tta=False, precision="fp32"):
-    return scores(*predict(model, x, precision), y, tta)
+def evaluate(model, x, y, tta=False, precision="fp32", translate=0):
+    return scores(*predict(model, x, precision, translate=translate), y, tta)
 
 
 # ----------------------------------------------------------------------------
@@ -239,6 +248,8 @@ def train_locked(cfg, device, paths, resume, log):
     model = build_model(cfg, len(d["classes"]), device)
     if init:
         load_weights(model, init, cfg)
+    elif cfg.stem_init == "whiten":     # from 5,000 training images spread over the split (a resumed run's are loaded)
+        whiten_(model.stem[0], data.normalize(train_x[::max(1, len(train_x) // 5000)]))
     opt = optim.make_optimizer(model, cfg)
     precision = devices.pick_precision(cfg, device)[0]      # cfg.precision (auto) is what checkpoints keep
     scaler = devices.grad_scaler(device, precision)
@@ -333,7 +344,7 @@ def train_locked(cfg, device, paths, resume, log):
             epoch_s = epoch_s0 + time.time() - t0
             epoch += 1
             validated = epoch % cfg.val_every == 0 or epoch == cfg.epochs
-            val = evaluate(eval_model, *d["val"], cfg.tta, precision) if validated else {}
+            val = evaluate(eval_model, *d["val"], cfg.tta, precision, cfg.tta_translate) if validated else {}
             train_loss, train_acc, _, objective = (sums / sums[2]).tolist()
             row = {"epoch": epoch, "lr": f"{lr:.6g}", "train_loss": f"{train_loss:.5f}", "train_acc": f"{train_acc:.5f}",
                    "train_objective": f"{objective:.5f}",
@@ -375,7 +386,7 @@ def finish(cfg, d, paths, device, first_batch_loss, wall_s, log, compile_s=0.0, 
     """Test the best checkpoint once, write the summary JSON, return it."""
     best_ckpt = files.load_checkpoint(paths["best"])
     best_model = model_from(best_ckpt, device)
-    test = evaluate(best_model, *d["test"], cfg.tta, precision)
+    test = evaluate(best_model, *d["test"], cfg.tta, precision, cfg.tta_translate)
     with open(paths["csv"], newline="") as f:
         train_s = sum(float(r["epoch_s"]) for r in csv.DictReader(f))
     summary = {"name": cfg.name, "status": "finished", "started": files.start_time(paths["summary"]),

@@ -7,13 +7,24 @@ import math
 import torch
 
 
+def param_groups(model, cfg):
+    """One group, or with bn_bias_lr != 1 the BatchNorm biases apart: lr_scale (which engine.train_step applies) and
+    weight decay / lr_scale, so that their decay per step, lr x weight_decay, is the other weights' (airbench)."""
+    if cfg.bn_bias_lr == 1:
+        return [{"params": list(model.parameters())}]
+    biases = [m.bias for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    ids = {id(b) for b in biases}
+    return [{"params": [p for p in model.parameters() if id(p) not in ids]},
+            {"params": biases, "lr_scale": cfg.bn_bias_lr, "weight_decay": cfg.weight_decay / cfg.bn_bias_lr}]
+
+
 def make_optimizer(model, cfg):
     fused = {"fused": True} if next(model.parameters()).is_cuda else {}
     if cfg.optimizer == "sgd":
-        return torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
+        return torch.optim.SGD(param_groups(model, cfg), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
                                nesterov=cfg.nesterov and cfg.momentum > 0, **fused)
     adam = torch.optim.AdamW if cfg.optimizer == "adamw" else torch.optim.Adam
-    return adam(model.parameters(), lr=cfg.lr, betas=(cfg.momentum, 0.999), weight_decay=cfg.weight_decay, **fused)
+    return adam(param_groups(model, cfg), lr=cfg.lr, betas=(cfg.momentum, 0.999), weight_decay=cfg.weight_decay, **fused)
 
 
 def lr_at(step, total_steps, cfg):

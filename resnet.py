@@ -6,6 +6,19 @@ import torch
 from torch import nn
 
 
+@torch.no_grad()
+def whiten_(conv, images, eps=5e-4):
+    """Set conv's first filters to the whitening of the images' k x k patches, as in airbench: the eigenvectors of the
+    patch covariance scaled by 1/sqrt(eigenvalue + eps), largest first, each also negated (2 x 3k^2 filters); any
+    filters beyond those keep their random init."""
+    k = conv.kernel_size[0]
+    patches = images.float().unfold(2, k, 1).unfold(3, k, 1).permute(0, 2, 3, 1, 4, 5).reshape(-1, 3 * k * k)
+    eigenvalues, eigenvectors = torch.linalg.eigh(patches.T @ patches / len(patches))
+    filters = (eigenvectors.T / (eigenvalues[:, None] + eps).sqrt()).flip(0).reshape(-1, 3, k, k)
+    filters = torch.cat([filters, -filters])[:conv.out_channels]
+    conv.weight[:len(filters)] = filters.to(conv.weight.dtype)
+
+
 class BasicBlock(nn.Module):
     """Two 3x3 conv + BN layers with an identity (or 1x1 conv + BN projection) shortcut."""
 

@@ -50,7 +50,7 @@ def evaluate_checkpoint(path, split="test", tta=None, data_dir=None, device="aut
     model = engine.model_from(ckpt, device)
     d = data.load(cfg, device)
     x, y = d[split]
-    plain, flipped = engine.predict(model, x, devices.pick_precision(cfg, device)[0])
+    plain, flipped = engine.predict(model, x, devices.pick_precision(cfg, device)[0], translate=cfg.tta_translate)
     logits = flipped if tta else plain
     result = {"checkpoint": str(path), "name": cfg.name, "weights": weights, "last": last, "split": split, "tta": tta,
               "n": len(y), **engine.scores(plain, flipped, y, tta), "epoch": ckpt.get("epoch"),
