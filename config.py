@@ -55,6 +55,7 @@ class Config:
     label_smoothing: float = 0.0
     batch_size: int = 128
     epochs: int = 20
+    budget_s: float = 0.0          # seconds of training: sets epochs from the speed measured at the start; 0 = off
     # schedule (stepped per iteration)
     schedule: str = "constant"     # "constant", "cosine", "onecycle" or "multistep"
     warmup: float = 0.0            # fraction of all steps spent warming up linearly from 0
@@ -133,7 +134,7 @@ def validate(cfg):
     positive = ["lr", "batch_size", "epochs", "stem_stride", "val_every", "lrfind_start", "auto_augment_group", "gamma",
                 "bn_bias_lr"]
     non_negative = ["weight_decay", "subset", "cutout", "momentum", "warmup", "final_lr", "log_every", "progress_s",
-                    "mixup", "cutmix", "threads"]
+                    "mixup", "cutmix", "threads", "budget_s"]
     for key in positive:
         if getattr(cfg, key) <= 0:
             raise UserError(f"config key '{key}' must be > 0, got {getattr(cfg, key)}")

@@ -1,9 +1,11 @@
-"""What a run prints: its first line, step lines with the run's ETA, the CPU estimate, epoch and done lines.
+"""What a run prints: its first line, step lines with the run's ETA, the CPU estimate, a time budget's
+epochs, epoch and done lines.
 
 Plain lines, `|`-separated, no carriage returns: they read the same in a terminal and in a SLURM log.
 
     python -c "import console; print(console.duration(4000))"      # 1:06:40
 """
+import math
 import os
 import time
 from pathlib import Path
@@ -48,6 +50,23 @@ def run_line(head, cfg, model, device, work, files):
     stem = f" patch stem {cfg.stem_stride}" if cfg.stem_stride > 1 else ""
     return (f"{head} | ResNet blocks {compact(cfg.blocks)} channels {compact(cfg.channels)}{stem}, "
             f"{model.num_params():,} params | {device_text(cfg, device)} | {work} | files {files}")
+
+
+def budget_line(budget_s, epochs, img_per_s):
+    """The line of a budgeted run: 'budget 20 min: 14 epochs at 930 img/s' (seconds unless whole minutes)."""
+    budget = f"{budget_s / 60:g} min" if budget_s % 60 == 0 else f"{budget_s:g} s"
+    return f"budget {budget}: {epochs} epochs at {img_per_s:,.0f} img/s"
+
+
+def budget_epochs(budget_s, img_per_s, n_images):
+    """The epochs of n_images that fit in budget_s seconds of training at img_per_s; a UserError where not one does."""
+    epochs = math.floor(0.95 * budget_s * img_per_s / n_images)    # a 5% margin: the loop's own small costs, and noise
+    if epochs < 1:
+        epoch_s = n_images / img_per_s
+        raise config.UserError(f"budget_s {budget_s:g} is shorter than one epoch here: an epoch of {n_images:,} images "
+                               f"takes about {epoch_s:.{0 if epoch_s >= 10 else 2}f} s at {img_per_s:,.0f} img/s "
+                               f"(with the 5% margin kept, give budget_s {math.ceil(epoch_s / 0.95)} or more)")
+    return epochs
 
 
 def cpu_recipe():

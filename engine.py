@@ -5,6 +5,8 @@
 """
 import copy
 import csv
+import dataclasses
+import itertools
 import json
 import math
 import os
@@ -62,6 +64,36 @@ def warm_up(model, compiled, cfg, x, y, precision):
     devices.synchronize(x.device)
     model.load_state_dict(saved)        # in place: the parameters keep the addresses the graphs were recorded on
     return time.time() - t0
+
+
+# ----------------------------------------------------------------------------
+# a time budget (budget_s)
+
+def measure_speed(model, compiled, cfg, x, y, precision, ema=None, num_classes=100):
+    """Training images per second here: an epoch's augmentation, timed, then its batches trained (one untimed step, then
+    timed ones for 1 s, at least 2) at lr 0 with a throwaway optimizer and EMA copy; the weights and BN statistics are
+    put back after, as in warm_up."""
+    saved, ema = copy.deepcopy(model.state_dict()), copy.deepcopy(ema)
+    opt, scaler = optim.make_optimizer(model, cfg), devices.grad_scaler(x.device, precision)
+    t0 = time.time()
+    batches = itertools.cycle(data.train_batches(x, y, cfg, 0, num_classes=num_classes))    # short epochs: again
+    xb, yb = next(batches)
+    devices.synchronize(x.device)
+    augment_s, timed = time.time() - t0, -1
+    while timed < 2 or time.time() - t0 < 1:
+        train_step(compiled, opt, xb, yb, cfg, 0.0, precision, scaler)
+        if ema:
+            update_ema(ema, model, cfg.ema)
+        xb, yb = next(batches)
+        timed += 1
+        if timed == 0:      # the untimed first step
+            devices.synchronize(x.device)
+            t0 = time.time()
+    devices.synchronize(x.device)
+    step_s = (time.time() - t0) / timed
+    model.load_state_dict(saved)
+    steps = data.steps_per_epoch(len(x), cfg.batch_size)
+    return steps * cfg.batch_size / (augment_s + steps * step_s)
 
 
 # ----------------------------------------------------------------------------
@@ -230,6 +262,8 @@ def train_locked(cfg, device, paths, resume, log):
         state = files.load_checkpoint(paths["last"])
         if not {"optimizer", "rng", "epoch_sums"} <= state.keys():
             raise UserError(f"{paths['last']} holds no training state (optimizer, RNG): it is not a .last.ckpt")
+        if cfg.budget_s and state["config"].get("budget_s") == cfg.budget_s:    # the epochs chosen at its start
+            cfg = dataclasses.replace(cfg, epochs=state["config"]["epochs"])
         changed = {k for k, v in state["config"].items() if getattr(cfg, k, None) != v} - RESUMABLE_CHANGES
         if changed:
             again = "FRESH=1 sbatch slurm.sh (a grid: another --out)" if os.environ.get("SLURM_JOB_ID") else \
@@ -256,6 +290,19 @@ def train_locked(cfg, device, paths, resume, log):
     ema = copy.deepcopy(model) if cfg.ema else None     # weights and BN statistics, updated by update_ema
     eval_model = ema if ema is not None else model
     steps = data.steps_per_epoch(len(train_x), cfg.batch_size)
+    first_batch = next(data.train_batches(train_x, train_y, cfg, 0, num_classes=len(d["classes"])))    # note: augments a whole epoch, so once
+    t_run = time.time()
+    compiled, compile_s = model, 0.0
+    if devices.use_compile(cfg, device):     # before an earlier run's files move: the budget's timing needs it
+        compiled = devices.compile_model(model, cfg)
+        compile_s = warm_up(model, compiled, cfg, *first_batch, precision)
+    budget = state.get("budget", {}) if state else {}
+    if cfg.budget_s and not state:     # too short for one epoch: a UserError, and nothing in out/ has moved
+        img_per_s = measure_speed(model, compiled, cfg, train_x, train_y, precision, ema, len(d["classes"]))
+        cfg = dataclasses.replace(cfg, epochs=console.budget_epochs(cfg.budget_s, img_per_s, len(train_x)))
+        budget = {"budget_img_per_s": round(img_per_s, 1), "budget_epochs": cfg.epochs}
+    if budget:
+        log(console.budget_line(cfg.budget_s, budget["budget_epochs"], budget["budget_img_per_s"]))
     total_steps = steps * cfg.epochs
     epoch, first_step, elapsed0, epoch_s0 = 0, 0, 0.0, 0.0     # epoch_s0: training time of the epoch before a stop
     best = {"val_acc": -1.0, "epoch": 0}
@@ -285,17 +332,12 @@ def train_locked(cfg, device, paths, resume, log):
             head = f"{cfg.name}{start}" + (f" (the earlier run's files moved to {old}/)" if old else "")
     log(console.run_line(head, cfg, model, device, f"{cfg.epochs} epochs x {steps} steps of batch {cfg.batch_size}",
                          console.files_of(cfg)))
-    first_batch = next(data.train_batches(train_x, train_y, cfg, 0, num_classes=len(d["classes"])))    # note: augments a whole epoch, so once
     if not state:
         first_batch_loss = check_first_batch(model, *first_batch, precision, log, cfg.init)
-    t_run = time.time()
-    compiled, compile_s = model, 0.0
-    if devices.use_compile(cfg, device):
-        compiled = devices.compile_model(model, cfg)
-        compile_s = warm_up(model, compiled, cfg, *first_batch, precision)
+    if compiled is not model:
         log(f"compiled in {compile_s:.1f}s (kept apart from training time)")
     files.write_json({"name": cfg.name, "status": "started", "started": started, "params": model.num_params(),
-                      "first_batch_loss": first_batch_loss, "device": str(device), "config": asdict(cfg),
+                      "first_batch_loss": first_batch_loss, "device": str(device), "config": asdict(cfg), **budget,
                       "versions": devices.versions()}, paths["summary"])
     csv_file = files.open_csv(paths["csv"], epoch)
     writer = csv.DictWriter(csv_file, files.CSV_COLUMNS)
@@ -303,7 +345,7 @@ def train_locked(cfg, device, paths, resume, log):
 
     def checkpoint(kind, **extra):
         common = {"format_version": files.FORMAT_VERSION, "config": asdict(cfg), "classes": d["classes"],
-                  "versions": devices.versions(), "first_batch_loss": first_batch_loss}
+                  "versions": devices.versions(), "first_batch_loss": first_batch_loss, "budget": budget}
         if kind == "best":
             files.save_checkpoint({**common, "model": eval_model.state_dict(), **extra}, paths["best"])
         else:
@@ -398,7 +440,7 @@ def finish(cfg, d, paths, device, first_batch_loss, wall_s, log, compile_s=0.0, 
                "test_acc_plain": test["acc_plain"], "test_acc_tta": test["acc_tta"],
                "first_batch_loss": first_batch_loss, "params": best_model.num_params(),
                "train_s": round(train_s, 3), "compile_s": round(compile_s, 3), "wall_s": round(wall_s, 3),
-               "device": str(device), "precision": precision,
+               "device": str(device), "precision": precision, **best_ckpt.get("budget", {}),
                "files": [str(paths[k]) for k in ("csv", "best", "last", "summary")],
                "config": asdict(cfg), "versions": devices.versions()}
     files.write_json(summary, paths["summary"])
