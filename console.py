@@ -126,18 +126,24 @@ def epoch_line(row, epochs, best_acc):
             f"val {val} | lr {f['lr']:.1e} | {f['epoch_s']:.1f}s {f['img_per_s']:,.0f} img/s")
 
 
-def tta_text(with_tta, plain, tta):
+def tta_name(translate=0):
+    """What TTA averages: 'flip TTA', or with tta_translate 'flip + 1 px translate TTA'."""
+    return f"flip + {translate} px translate TTA" if translate else "flip TTA"
+
+
+def tta_text(with_tta, plain, tta, translate=0):
     """Which top-1 a headline figure is, and the other one: '(flip TTA; 63.10% without)'."""
     if plain is None or tta is None:       # a summary from before both were recorded
         return ""
-    return f" (flip TTA; {100 * plain:.2f}% without)" if with_tta else f" (no TTA; {100 * tta:.2f}% with flip TTA)"
+    name = tta_name(translate)
+    return f" ({name}; {100 * plain:.2f}% without)" if with_tta else f" (no TTA; {100 * tta:.2f}% with {name})"
 
 
 def done_line(s):
     """The run's last line, from its summary."""
-    tta = s.get("config", {}).get("tta")
+    tta, translate = s.get("config", {}).get("tta"), s.get("config", {}).get("tta_translate", 0)
     return (f"done {s['name']} | best val {100 * s['best_val_acc']:.2f}% (epoch {s['best_epoch']}) | "
-            f"test {100 * s['test_acc']:.2f}%{tta_text(tta, s.get('test_acc_plain'), s.get('test_acc_tta'))} "
+            f"test {100 * s['test_acc']:.2f}%{tta_text(tta, s.get('test_acc_plain'), s.get('test_acc_tta'), translate)} "
             f"top5 {100 * s['test_top5']:.2f}% | params {s['params'] / 1e6:.2f}M | "
             f"train {s['train_s']:.1f}s (compile {s.get('compile_s', 0):.1f}s apart) wall {s['wall_s']:.1f}s")
 

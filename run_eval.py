@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+import console
 import data
 import devices
 import engine
@@ -53,6 +54,7 @@ def evaluate_checkpoint(path, split="test", tta=None, data_dir=None, device="aut
     plain, flipped = engine.predict(model, x, devices.pick_precision(cfg, device)[0], translate=cfg.tta_translate)
     logits = flipped if tta else plain
     result = {"checkpoint": str(path), "name": cfg.name, "weights": weights, "last": last, "split": split, "tta": tta,
+              "tta_translate": cfg.tta_translate,
               "n": len(y), **engine.scores(plain, flipped, y, tta), "epoch": ckpt.get("epoch"),
               "val_acc_at_save": ckpt.get("metrics", {}).get("val_acc")}
     n_classes = len(d["classes"])
@@ -97,7 +99,7 @@ def main():
         sys.exit(f"error: {e.strerror or e}: {e.filename}")
     print(f"{r['name']} {r['weights']} | {r['split']} n={r['n']} tta={r['tta']} | loss {r['loss']:.4f} | "
           f"top-1 {100 * r['acc']:.2f}% | top-5 {100 * r['top5']:.2f}% | "
-          f"top-1 without TTA {100 * r['acc_plain']:.2f}%, with flip TTA {100 * r['acc_tta']:.2f}%")
+          f"top-1 without TTA {100 * r['acc_plain']:.2f}%, with {console.tta_name(r['tta_translate'])} {100 * r['acc_tta']:.2f}%")
     b = r["baselines"]
     print(f"baselines | majority class ({b['majority_class']['class']}) {100 * b['majority_class']['acc']:.2f}% | "
           f"uniform random {100 * b['uniform_random']['acc']:.2f}% (loss {b['uniform_random']['loss']:.4f})")

@@ -13,6 +13,7 @@ import os
 import sys
 from pathlib import Path
 
+import console
 import files
 
 
@@ -47,8 +48,9 @@ def spread(row, key):
     return f"{pct(row[key])}{std} (n={row['n']})"
 
 
-def tta_name(tta):
-    return "flip TTA" if tta else "no TTA"
+def tta_name(evaluation):
+    """The TTA of a run_eval.py record: 'no TTA', 'flip TTA' or 'flip + 1 px translate TTA'."""
+    return console.tta_name(evaluation.get("tta_translate", 0)) if evaluation["tta"] else "no TTA"
 
 
 def table(headers, rows):
@@ -176,7 +178,7 @@ def build(out, exps, grid, compare, report_path):
         md += table(["predictor", f"{evals[done[0]]['split']} accuracy"],
                     [[f"majority class ({b['majority_class']['class']})", pct(b["majority_class"]["acc"])],
                      ["uniform random", pct(b["uniform_random"]["acc"])]] +
-                    [[f"model `{e}` ({tta_name(evals[e]['tta'])})", pct(evals[e]["acc"])] for e in done])
+                    [[f"model `{e}` ({tta_name(evals[e])})", pct(evals[e]["acc"])] for e in done])
         md += [f"(from `{out}/{done[0]}.eval.json`)", ""]
     else:
         md += not_run("baselines", f"python run_eval.py {out}/{first}.ckpt")
@@ -262,8 +264,8 @@ def build(out, exps, grid, compare, report_path):
 
     md += ["## 10. Test", ""]
     rows = [[e, pct(evals[e]["acc"]), pct_or_dash(evals[e].get("acc_plain")), pct_or_dash(evals[e].get("acc_tta")),
-             pct(evals[e]["top5"]), f"{evals[e]['loss']:.4f}", tta_name(evals[e]["tta"]), evals[e]["epoch"]] for e in done]
-    md += table(["run", "test top-1", "top-1 without TTA", "top-1 with flip TTA", "test top-5", "test loss",
+             pct(evals[e]["top5"]), f"{evals[e]['loss']:.4f}", tta_name(evals[e]), evals[e]["epoch"]] for e in done]
+    md += table(["run", "test top-1", "top-1 without TTA", "top-1 with TTA", "test top-5", "test loss",
                  "top-1, top-5 and loss", "epoch"], rows) + \
         [f"(from `{out}/<run>.eval.json`)", ""] if rows else not_run("the test evaluation", f"python run_eval.py {out}/{first}.ckpt")
     return md

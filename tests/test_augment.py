@@ -6,8 +6,9 @@ import augment
 import config
 import data
 import engine
+import run_train
 from config import Config
-from fault_helpers import assert_one_error_line, run
+from fault_helpers import main_error
 from resnet import ResNet
 
 
@@ -125,6 +126,5 @@ def test_a_run_with_mixup_cutmix_and_trivialaugment_trains_on_soft_targets(tmp_p
     ("mix_prob=1.5", "config key 'mix_prob' must be in [0, 1], got 1.5"),
     ("auto_augment=trivial", "config key 'auto_augment' must be one of \"\", ta_wide, ra, aa_cifar10, got 'trivial'"),
 ])
-def test_a_negative_alpha_or_an_unknown_policy_is_one_error_line(tmp_path, setting, message):
-    line = assert_one_error_line(run("run_train.py", "--exp", "smoke", "--out", tmp_path, "--set", setting))
-    assert message in line
+def test_a_negative_alpha_or_an_unknown_policy_is_one_error_line(tmp_path, setting, message, monkeypatch, capsys):
+    assert message in main_error(run_train, ["--exp", "smoke", "--out", tmp_path, "--set", setting], monkeypatch, capsys)

@@ -4,11 +4,14 @@ import torch
 import torch.nn.functional as F
 
 import augment
+import console
 import data
 import engine
 import optim
+import run_eval
+import run_train
 from config import Config
-from fault_helpers import assert_one_error_line, quiet, run, small, synthetic_data
+from fault_helpers import main_error, quiet, small, synthetic_data
 from resnet import ResNet, whiten_
 
 
@@ -117,6 +120,13 @@ def test_translate_tta_averages_the_flip_pairs_of_the_image_and_of_two_shifted_c
     ("stem_init=pca", "config key 'stem_init' must be one of \"\", whiten, got 'pca'"),
     ("bn_bias_lr=0", "config key 'bn_bias_lr' must be > 0, got 0.0"),
 ])
-def test_a_bad_idea_setting_is_one_error_line(tmp_path, setting, message):
-    line = assert_one_error_line(run("run_train.py", "--exp", "smoke", "--out", tmp_path, "--set", setting))
-    assert message in line
+def test_a_bad_idea_setting_is_one_error_line(tmp_path, setting, message, monkeypatch, capsys):
+    assert message in main_error(run_train, ["--exp", "smoke", "--out", tmp_path, "--set", setting], monkeypatch, capsys)
+
+
+def test_a_run_with_translate_tta_says_so_and_run_eval_reproduces_its_test_figures(data_dir, tmp_path):
+    summary = quiet(small(tmp_path, data_dir, ("tta", True), ("tta_translate", 1)))
+    assert "(flip + 1 px translate TTA; " in console.done_line(summary)
+    evaluation = run_eval.evaluate_checkpoint(tmp_path / "smoke.ckpt", data_dir=data_dir, device="cpu")
+    assert (evaluation["acc"], evaluation["acc_plain"]) == (summary["test_acc"], summary["test_acc_plain"])
+    assert evaluation["acc_tta"] == summary["test_acc_tta"] and evaluation["tta_translate"] == 1
