@@ -1,6 +1,7 @@
 import csv
 import dataclasses
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -123,7 +124,8 @@ def test_bad_sweep_range_is_one_error_line(tmp_path):
 def test_ctrl_c_ends_the_sweep_with_one_line_and_status_130(tmp_path, data_dir):
     p = subprocess.Popen([sys.executable, str(ROOT / "run_lrfind.py"), "--exp", "smoke", "--iters", "1000",
                           "--out", str(tmp_path), "--data-dir", str(data_dir), "--set", "progress_s=1e-9"],
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+                         env={**os.environ, "PYTHONUNBUFFERED": "1"})     # each step line as it is printed
     for line in p.stdout:
         if line.startswith("  step 2/"):
             p.send_signal(signal.SIGINT)
