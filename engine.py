@@ -142,6 +142,7 @@ def predict(model, x, precision="fp32", batch_size=1000, translate=0):
     was_training = model.training
     model.eval()
     plain, tta = [], []
+
     def flip_pair(xb):
         return (model(devices.to_model_format(xb)).float() + model(devices.to_model_format(xb.flip(3))).float()) / 2
 
