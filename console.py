@@ -17,7 +17,7 @@ import devices
 from resnet import ResNet
 
 LONG_RUN_S = 3600        # a CPU run longer than this gets the estimate line
-ESTIMATE_AFTER = 1       # steps timed before that estimate: a new user on a slow CPU is told at once
+ESTIMATE_AFTER = 2       # steps before that estimate (the first, a warm-up, not timed): a slow CPU is told at once
 
 
 def duration(seconds):
@@ -94,19 +94,24 @@ def estimate_line(cfg, total_s, rate):
 def progress(cfg, device, total, done, log, elapsed0=0.0, clock=time.time):
     """tick(step, step_in_epoch) to call after each training step (step counts from 1 over the whole run): returns the
     run's ETA in seconds when a step line is due (every cfg.progress_s seconds, and every cfg.log_every steps), else
-    None. On a CPU, after the first step, it logs the estimate line once if the whole run will take over an hour."""
+    None. On a CPU, after the second step, it logs the estimate line once if the whole run will take over an hour,
+    timing the steps after the first, which may be several times slower (a compiled graph's first real step)."""
     start = last = clock()
+    first_done = None           # the clock after the first step
     estimated = device.type != "cpu"
 
     def tick(step, step_in_epoch):
-        nonlocal last, estimated
+        nonlocal last, estimated, first_done
         now = clock()
         per_step = (now - start) / max(1, step - done)
         eta = per_step * (total - step)
+        first_done = now if first_done is None else first_done
         if not estimated and step - done >= min(ESTIMATE_AFTER, total - done):
             estimated = True
-            if elapsed0 + now - start + eta > LONG_RUN_S:
-                log(estimate_line(cfg, elapsed0 + now - start + eta, cfg.batch_size / per_step))
+            warm_step = (now - first_done) / (step - done - 1) if step - done > 1 else per_step
+            total_s = elapsed0 + now - start + warm_step * (total - step)
+            if total_s > LONG_RUN_S:
+                log(estimate_line(cfg, total_s, cfg.batch_size / warm_step))
         if (cfg.progress_s and now - last >= cfg.progress_s) or (cfg.log_every and step_in_epoch % cfg.log_every == 0):
             last = now
             return eta

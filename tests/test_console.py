@@ -101,12 +101,28 @@ def test_a_cpu_run_over_an_hour_gets_one_estimate_line_naming_a_cpu_recipe_and_c
     assert short == []
 
 
-def test_a_long_cpu_run_gets_its_estimate_after_the_first_timed_step():
+def test_a_long_cpu_run_gets_its_estimate_after_its_second_step():
     lines = []
     tick = console.progress(config.resolve("best"), torch.device("cpu"), total=2610, done=0, log=lines.append,
                             clock=fake_clock(40.0))     # best on a 2-core CPU: 40 s a step
     tick(1, 1)
+    tick(2, 2)
     assert len(lines) == 1 and lines[0].startswith("estimate: best takes about 29.0 h on this CPU (13 img/s)")
+
+
+def test_a_slow_first_step_after_compiling_is_not_taken_for_the_runs_speed():
+    seconds = iter([0.0, 1.4] + [0.36] * 20)      # cpu on 2 Zen 4 cores: the first compiled step takes 4x longer
+    now = [0.0]
+
+    def clock():
+        now[0] += next(seconds)
+        return now[0]
+    lines = []
+    tick = console.progress(config.resolve("cpu"), torch.device("cpu"), total=4375, done=0, log=lines.append,
+                            clock=clock)
+    for step in range(1, 10):
+        tick(step, step)
+    assert lines == []                            # 4375 x 0.36 s is 26 min, not the 1.7 h of the first step
 
 
 def test_cpu_recipe_is_the_cpu_experiment_else_the_smallest_on_cifar100(monkeypatch):
