@@ -16,7 +16,7 @@ compile=auto; other modes via --set compile=...); on CPU like "+ channels-last" 
 Roofline (roofline.py): the device's matrix throughput (an n x n product, n up to 2048, fp32 and bf16, TFLOP/s)
 beside each mode's achieved FLOP/s (the model's training FLOPs per image, counted by torch.utils.flop_counter,
 times its img/s).
-Input pipeline: our batched crop + flip + normalise on the device (data.train_batches) against the report's
+Input pipeline (bench_pipeline.py): our batched crop + flip + normalise on the device (data.train_batches) against the report's
 torchvision transforms per PIL image through a DataLoader (then copied to the device), in images/s: the best of
 5 epochs against the best of 5 passes (other processes on a small machine make single passes noisy).
 Augmentation cost: images/s of data.train_batches with each option on top of crop + flip (cutout, MixUp, CutMix,
@@ -34,8 +34,8 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from PIL import Image
 
+import bench_pipeline
 import config
 import data
 import devices
@@ -44,11 +44,6 @@ import optim
 import roofline
 from resnet import ResNet
 
-# key, label, the config keys that switch the augmentation on (crop + flip always on)
-AUGMENTATIONS = [("crop_flip", "crop + flip", {}), ("cutout", "+ cutout 8", {"cutout": 8}),
-                 ("mixup", "+ mixup 0.8", {"mixup": 0.8}), ("cutmix", "+ cutmix 1.0", {"cutmix": 1.0}),
-                 ("ta_wide", "+ ta_wide", {"auto_augment": "ta_wide"}), ("ra", "+ ra", {"auto_augment": "ra"}),
-                 ("aa_cifar10", "+ aa_cifar10", {"auto_augment": "aa_cifar10"})]
 # key, label, autocast, channels-last, engine compile setting (None: eager)
 MODES = [("fp32", "eager fp32", False, False, None),
          ("bf16", "autocast", True, False, None),        # note: key "bf16" also under fp16, for bench.json readers
@@ -129,75 +124,6 @@ def profile_step(cfg, device, precision, x, y, rows=25):
 
 
 # ----------------------------------------------------------------------------
-# input pipelines
-
-def time_ours(x, y, batch_size, epochs, **settings):
-    """Best images/s over `epochs` timed epochs of data.train_batches (shuffle, crop, flip, normalise on x's device, and
-    the augmentations that the config settings switch on)."""
-    cfg = config.Config(batch_size=batch_size, **settings)
-    rates = []
-    for epoch in range(epochs + 1):         # epoch 0 warms up
-        devices.synchronize(x.device)
-        n, t0 = 0, time.perf_counter()
-        for xb, _ in data.train_batches(x, y, cfg, epoch):
-            n += len(xb)
-        devices.synchronize(x.device)
-        rates.append(n / (time.perf_counter() - t0))
-    return max(rates[1:])
-
-
-class PILImages(torch.utils.data.Dataset):
-    """Like torchvision's CIFAR100 dataset: HWC uint8 arrays, each made a PIL image and transformed on access."""
-
-    def __init__(self, x, y, transform):
-        self.images, self.labels, self.transform = x.permute(0, 2, 3, 1).numpy(), y.tolist(), transform
-
-    def __len__(self):
-        return len(self.labels)
-
-    def __getitem__(self, i):
-        return self.transform(Image.fromarray(self.images[i])), self.labels[i]
-
-
-def time_report(x, y, batch_size, workers, device, repeats):
-    """Best images/s over `repeats` passes of the report's pipeline, each timed after its first batch (workers
-    started) and including the copy to the device."""
-    from torchvision import transforms as T
-    transform = T.Compose([T.RandomCrop(32, padding=4), T.RandomHorizontalFlip(), T.ToTensor(),
-                           T.Normalize(data.MEAN, data.STD)])
-    loader = torch.utils.data.DataLoader(PILImages(x, y, transform), batch_size=batch_size, shuffle=True,
-                                         num_workers=workers, drop_last=True, pin_memory=device.type == "cuda")
-    rates = []
-    for _ in range(repeats):
-        batches = iter(loader)
-        next(batches)
-        n, t0 = 0, time.perf_counter()
-        for xb, yb in batches:
-            xb, yb = xb.to(device, non_blocking=True), yb.to(device, non_blocking=True)
-            n += len(xb)
-        devices.synchronize(device)
-        rates.append(n / (time.perf_counter() - t0))
-    return max(rates)
-
-
-def time_augmentations(x, y, batch_size, keys, groups):
-    """Rows {key, label, group, img_per_s, ratio} of data.train_batches with each augmentation of keys, the ratio to
-    crop + flip alone (best of 2 epochs); the policies at the default group, ta_wide at each of groups as well."""
-    default, rows, base = config.Config().auto_augment_group, [], None
-    for key, label, settings in AUGMENTATIONS:
-        if key not in keys:
-            continue
-        sizes = [None] if "auto_augment" not in settings else sorted({default, *groups}) if key == "ta_wide" else [default]
-        for group in sizes:
-            rate = time_ours(x, y, batch_size, epochs=2, **settings, **({"auto_augment_group": group} if group else {}))
-            base = rate if key == "crop_flip" else base
-            rows.append({"key": key, "label": label + (f", groups of {group}" if group else ""), "group": group,
-                         "img_per_s": round(rate), "ratio": round(rate / base, 3) if base else None})
-            print(f"augmentation | {rows[-1]['label']} | {rate:,.0f} img/s", flush=True)
-    return rows
-
-
-# ----------------------------------------------------------------------------
 
 def table(result):
     """The result as Markdown tables: training modes, then input pipelines."""
@@ -239,7 +165,7 @@ def main():
     p.add_argument("--report-images", type=int, help="images per pass of the report's pipeline, best of 5 passes "
                    "(default 20000 / 4000)")
     p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="report DataLoader workers")
-    p.add_argument("--augmentations", default=",".join(a[0] for a in AUGMENTATIONS),
+    p.add_argument("--augmentations", default=",".join(a[0] for a in bench_pipeline.AUGMENTATIONS),
                    help="comma list of the augmentations to time (default: all; '' times none)")
     p.add_argument("--policy-groups", default="4,16,64",
                    help="auto_augment_group sizes to time ta_wide at, besides the default 16 (default 4,16,64; 1 is "
@@ -268,9 +194,10 @@ def main():
                  f"{', '.join(m[0] for m in MODES)}")
     n_ours, n_report = args.images or (45_000 if cuda else 10_000), args.report_images or (20_000 if cuda else 4_000)
     n_aug, augmentations = args.aug_images or (10_000 if cuda else 2_000), set(filter(None, args.augmentations.split(",")))
-    if augmentations - {a[0] for a in AUGMENTATIONS}:
-        sys.exit(f"error: unknown augmentation(s) {', '.join(sorted(augmentations - {a[0] for a in AUGMENTATIONS}))}; "
-                 f"known: {', '.join(a[0] for a in AUGMENTATIONS)}")
+    known = [a[0] for a in bench_pipeline.AUGMENTATIONS]
+    if augmentations - set(known):
+        sys.exit(f"error: unknown augmentation(s) {', '.join(sorted(augmentations - set(known)))}; "
+                 f"known: {', '.join(known)}")
     groups = [int(g) for g in args.policy_groups.split(",") if g.isdigit() and int(g) > 0]
     if len(groups) != len([g for g in args.policy_groups.split(",") if g]):
         sys.exit(f"error: --policy-groups expects a comma list of positive integers, got '{args.policy_groups}'")
@@ -300,8 +227,8 @@ def main():
     print(f"bench | {args.exp} model: blocks {cfg.blocks} channels {cfg.channels}, {params / 1e6:.2f}M params, "
           f"{cfg.optimizer} | batch {cfg.batch_size} | {result['device']} | torch {v['torch']} cuda {v['cuda']}",
           flush=True)
-    ours = time_ours(x[:n_ours].to(device), y[:n_ours].to(device), cfg.batch_size, epochs=5)
-    report = time_report(x[:n_report], y[:n_report], cfg.batch_size, args.workers, device, repeats=5)
+    ours = bench_pipeline.time_ours(x[:n_ours].to(device), y[:n_ours].to(device), cfg.batch_size, epochs=5)
+    report = bench_pipeline.time_report(x[:n_report], y[:n_report], cfg.batch_size, args.workers, device, repeats=5)
     result["pipeline"] = {"ours_img_per_s": round(ours), "report_img_per_s": round(report), "workers": args.workers,
                           "ours_images": min(n_ours, len(x)), "report_images": min(n_report, len(x))}
     result["pipeline_speedup"] = round(ours / report, 2)
@@ -309,8 +236,8 @@ def main():
           f"pipeline_speedup {result['pipeline_speedup']:.1f}x", flush=True)
     save()
     if augmentations:
-        result["augmentation"] = time_augmentations(x[:n_aug].to(device), y[:n_aug].to(device), cfg.batch_size,
-                                                    augmentations, groups)
+        result["augmentation"] = bench_pipeline.time_augmentations(x[:n_aug].to(device), y[:n_aug].to(device),
+                                                                   cfg.batch_size, augmentations, groups)
         save()
     baseline = None
     for key, label, autocast, channels_last, compile_setting in MODES:

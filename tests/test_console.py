@@ -1,4 +1,5 @@
 """What a run prints: the first line, step lines with an ETA, the CPU estimate, the device and why."""
+import itertools
 import json
 import re
 
@@ -26,12 +27,13 @@ def train_lines(out, data_dir, *sets, resume=False):
     return lines
 
 
-def fake_clock(step_s):
-    """A clock that moves step_s seconds at each reading."""
-    now = [1000.0]
+def fake_clock(step_s, first_step_s=None):
+    """A clock that moves step_s seconds at each reading, or first_step_s at its second (the first step's end)."""
+    now, moves = [1000.0], itertools.chain([step_s, step_s if first_step_s is None else first_step_s],
+                                           itertools.repeat(step_s))
 
     def clock():
-        now[0] += step_s
+        now[0] += next(moves)
         return now[0]
     return clock
 
@@ -111,15 +113,9 @@ def test_a_long_cpu_run_gets_its_estimate_after_its_second_step():
 
 
 def test_a_slow_first_step_after_compiling_is_not_taken_for_the_runs_speed():
-    seconds = iter([0.0, 1.4] + [0.36] * 20)      # cpu on 2 Zen 4 cores: the first compiled step takes 4x longer
-    now = [0.0]
-
-    def clock():
-        now[0] += next(seconds)
-        return now[0]
-    lines = []
+    lines = []          # cpu on 2 Zen 5 cores: the first compiled step takes 4x longer than the others
     tick = console.progress(config.resolve("cpu"), torch.device("cpu"), total=4375, done=0, log=lines.append,
-                            clock=clock)
+                            clock=fake_clock(0.36, first_step_s=1.4))
     for step in range(1, 10):
         tick(step, step)
     assert lines == []                            # 4375 x 0.36 s is 26 min, not the 1.7 h of the first step

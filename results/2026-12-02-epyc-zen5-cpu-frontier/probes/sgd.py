@@ -1,6 +1,6 @@
 """ms per SGD step (Nesterov, wd, 2 groups) of the cpu model: for-loop (CPU default), foreach, fused."""
 import sys, time, torch
-sys.path.insert(0, "/work/main")
+sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parents[3]))   # the repository
 import config, engine, optim
 cfg = config.resolve("cpu")
 model = engine.build_model(cfg, 100, torch.device("cpu"))

@@ -1,6 +1,6 @@
 """img/s of the cpu recipe's compiled training step at several image sides (random data), batch 256."""
 import sys, time, torch
-sys.path.insert(0, "/work/main")
+sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parents[3]))   # the repository
 import config, engine, optim, devices
 cfg = config.resolve("cpu")
 torch.manual_seed(0)
