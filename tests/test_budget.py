@@ -1,6 +1,7 @@
 """A time budget (budget_s): the epochs sized to the speed measured on the first steps, kept on --resume, and a
 budget too short for one epoch refused before anything in out/ moves."""
 import json
+import math
 import signal
 
 import pytest
@@ -39,10 +40,14 @@ def test_a_budgeted_run_takes_its_epochs_from_the_measured_speed(data_dir, tmp_p
     assert (s["config"]["epochs"], s["budget_epochs"], s["budget_img_per_s"]) == (2, 2, 1000.0)
 
 
-def test_a_real_tiny_budget_ends_within_it(data_dir, tmp_path):
+def test_a_real_tiny_budget_trains_the_epochs_that_fit_at_the_speed_it_measured(data_dir, tmp_path):
+    """Real timing, nothing patched. train_s may pass 2 s by a little on a loaded machine (epochs of 0.2 s against
+    a 5% margin), so it is held to 1.5x: a budget ignored or sized wrongly misses by far more. Ending within the
+    budget itself is measured by full runs (results/, the README's time budget)."""
     s = quiet(small(tmp_path, data_dir, ("budget_s", 2.0)))
-    assert s["budget_epochs"] >= 2 and len(csv_rows(tmp_path / "smoke.csv")) == s["budget_epochs"]
-    assert s["train_s"] <= 2.0, s
+    assert s["budget_epochs"] == math.floor(0.95 * 2.0 * s["budget_img_per_s"] / 256) >= 2
+    assert len(csv_rows(tmp_path / "smoke.csv")) == s["budget_epochs"]
+    assert s["train_s"] <= 1.5 * 2.0, s
 
 
 def test_resume_keeps_the_chosen_epochs_and_does_not_measure_again(data_dir, tmp_path, monkeypatch):
