@@ -71,8 +71,8 @@ def warm_up(model, compiled, cfg, x, y, precision):
 
 def measure_speed(model, compiled, cfg, x, y, precision, ema=None, num_classes=100):
     """Training images per second here: an epoch's augmentation, timed, then its batches trained (one untimed step, then
-    timed ones for 1 s, at least 2) at lr 0 with a throwaway optimizer and EMA copy; the weights and BN statistics are
-    put back after, as in warm_up."""
+    timed ones for budget_s / 40 seconds within 1..5 s, at least 2: a shared host's speed swings within seconds) at lr 0
+    with a throwaway optimizer and EMA copy; the weights and BN statistics are put back after, as in warm_up."""
     saved, ema = copy.deepcopy(model.state_dict()), copy.deepcopy(ema)
     opt, scaler = optim.make_optimizer(model, cfg), devices.grad_scaler(x.device, precision)
     t0 = time.time()
@@ -80,7 +80,7 @@ def measure_speed(model, compiled, cfg, x, y, precision, ema=None, num_classes=1
     xb, yb = next(batches)
     devices.synchronize(x.device)
     augment_s, timed = time.time() - t0, -1
-    while timed < 2 or time.time() - t0 < 1:
+    while timed < 2 or time.time() - t0 < min(5.0, max(1.0, cfg.budget_s / 40)):
         train_step(compiled, opt, xb, yb, cfg, 0.0, precision, scaler)
         if ema:
             update_ema(ema, model, cfg.ema)

@@ -3,8 +3,10 @@ budget too short for one epoch refused before anything in out/ moves."""
 import json
 import math
 import signal
+import time
 
 import pytest
+import torch
 
 import config
 import console
@@ -48,6 +50,15 @@ def test_a_real_tiny_budget_trains_the_epochs_that_fit_at_the_speed_it_measured(
     assert s["budget_epochs"] == math.floor(0.95 * 2.0 * s["budget_img_per_s"] / 256) >= 2
     assert len(csv_rows(tmp_path / "smoke.csv")) == s["budget_epochs"]
     assert s["train_s"] <= 1.5 * 2.0, s
+
+
+def test_the_speed_is_timed_for_a_fortieth_of_the_budget(data_dir, tmp_path):
+    cfg = small(tmp_path, data_dir, ("budget_s", 80.0))        # 2 s of timed steps, not the 1 s minimum
+    model = engine.build_model(cfg)
+    x, y = torch.randint(0, 256, (256, 3, 32, 32), dtype=torch.uint8), torch.randint(0, 100, (256,))
+    t0 = time.time()
+    assert engine.measure_speed(model, model, cfg, x, y, "fp32") > 0
+    assert time.time() - t0 >= 2.0
 
 
 def test_resume_keeps_the_chosen_epochs_and_does_not_measure_again(data_dir, tmp_path, monkeypatch):
