@@ -79,8 +79,8 @@ def measure_speed(model, compiled, cfg, x, y, precision, ema=None, num_classes=1
     batches = itertools.cycle(data.train_batches(x, y, cfg, 0, num_classes=num_classes))    # short epochs: again
     xb, yb = next(batches)
     devices.synchronize(x.device)
-    augment_s, timed = time.time() - t0, -1
-    while timed < 2 or time.time() - t0 < min(5.0, max(1.0, cfg.budget_s / 40)):
+    augment_s, timed, window_s = time.time() - t0, -1, min(5.0, max(1.0, cfg.budget_s / 40))
+    while timed < 2 or time.time() - t0 < window_s:
         train_step(compiled, opt, xb, yb, cfg, 0.0, precision, scaler)
         if ema:
             update_ema(ema, model, cfg.ema)
