@@ -7,7 +7,8 @@ fp16), torch.compile and the CPU threads; and the versions stored with each run.
     CUDA, capability < 7.0 (P100)            fp16 + GradScaler   off: Triton needs 7.0
     Intel GPU (xpu)                          bf16 where torch.xpu says so, else fp32   off
     Apple GPU (mps)                          fp32                off
-    CPU with native bf16 (AMX, AVX512-BF16)  bf16                off
+    CPU with AMX or AVX512-BF16, where bf16  bf16                off
+      matrix products outrun fp32's
     any other CPU                            fp32                off
 
     python -c "import devices, config; print(devices.setup(config.resolve('smoke')))"
@@ -89,8 +90,8 @@ def synchronize(device):
 
 def cpu_bf16():
     """(native bf16?, why), as torch sees this CPU: its kernels run at AVX512 (ATEN_CPU_CAPABILITY may lower that),
-    the CPU has AMX or AVX512-BF16, and oneDNN runs bf16 (ONEDNN_MAX_CPU_ISA may forbid it). Elsewhere bf16 is
-    emulated, about ten times slower than fp32."""
+    the CPU has AMX or AVX512-BF16, oneDNN runs bf16 (ONEDNN_MAX_CPU_ISA may forbid it), and its bf16 matrix product
+    is faster than its fp32 one. Without those units bf16 is emulated, about ten times slower than fp32."""
     level = torch.backends.cpu.get_cpu_capability()
     limit = os.environ.get("ATEN_CPU_CAPABILITY")
     level_text = f"{level} (ATEN_CPU_CAPABILITY={limit})" if limit else level
@@ -103,7 +104,20 @@ def cpu_bf16():
     if not torch.ops.mkldnn._is_mkldnn_bf16_supported():
         isa = os.environ.get("ONEDNN_MAX_CPU_ISA")
         return False, "oneDNN runs no bf16 here" + (f" (ONEDNN_MAX_CPU_ISA={isa})" if isa else "")
-    return True, f"{level} CPU with {' and '.join(units)}"
+    fp32, bf16 = cpu_matmul_tflops()
+    text = f"{level} CPU with {' and '.join(units)}, bf16 matrix product {bf16:.2f} TFLOP/s, fp32 {fp32:.2f}"
+    return bf16 > fp32, text + ("" if bf16 > fp32 else ": fp32 is faster here")
+
+
+@functools.cache
+def cpu_matmul_tflops():
+    """(fp32, bf16) TFLOP/s of this CPU's matrix product, measured once per process in about half a second. A CPU
+    whose bf16 units the guest hides (a Xeon's AMX) or that runs them no faster than its fp32 FMAs trains slower in
+    bf16, whatever its flags say."""
+    import roofline     # note: here, not at the top: roofline imports this module
+    cpu = torch.device("cpu")
+    return tuple(roofline.matmul_tflops(cpu, dtype, seconds=0.25, largest=1024)
+                 for dtype in (torch.float32, torch.bfloat16))
 
 
 def pick_precision(cfg, device):

@@ -35,8 +35,10 @@ def cuda_gpu(monkeypatch, capability, name="Tesla T4"):
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
 
 
-def cpu_with(monkeypatch, level, amx=False, avx512_bf16=False, onednn_bf16=True):
-    """A CPU as torch would see it: the level its kernels run at, its bf16 units, whether oneDNN runs bf16."""
+def cpu_with(monkeypatch, level, amx=False, avx512_bf16=False, onednn_bf16=True, matmul_tflops=(0.29, 1.81)):
+    """A CPU as torch would see it: the level its kernels run at, its bf16 units, whether oneDNN runs bf16, and its
+    (fp32, bf16) matrix products' TFLOP/s (by default the AMX Xeon's)."""
+    monkeypatch.setattr(devices, "cpu_matmul_tflops", lambda: matmul_tflops)
     monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: level)
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
@@ -73,16 +75,22 @@ def test_bf16_asked_for_below_capability_8_0_runs_eager_and_says_it_is_slow(monk
     assert choice(torch.device("cuda"), precision="bf16", compile="on") == ("bf16", True, False)
 
 
-def test_auto_on_a_cpu_is_bf16_only_where_torch_runs_it_natively(monkeypatch):
+def test_auto_on_a_cpu_is_bf16_only_where_torch_runs_it_natively_and_faster_than_fp32(monkeypatch):
     cpu_with(monkeypatch, "AVX512", amx=True, avx512_bf16=True)            # Sapphire Rapids and later
     assert choice(CPU) == ("bf16", False, False)
-    assert "auto bf16: AVX512 CPU with AMX and AVX512-BF16" in console.device_text(config.resolve("cpu"), CPU)
-    cpu_with(monkeypatch, "AVX512", avx512_bf16=True)                      # Zen 4
+    assert "auto bf16: AVX512 CPU with AMX and AVX512-BF16, bf16 matrix product 1.81 TFLOP/s, fp32 0.29" in \
+        console.device_text(config.resolve("cpu"), CPU)
+    cpu_with(monkeypatch, "AVX512", avx512_bf16=True, matmul_tflops=(0.15, 0.38))     # Zen 4
     assert choice(CPU)[0] == "bf16"
     monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")                       # oneDNN held to AVX2
     cpu_with(monkeypatch, "AVX512", avx512_bf16=True, onednn_bf16=False)
     assert choice(CPU)[0] == "fp32"
     assert "auto fp32: oneDNN runs no bf16 here (ONEDNN_MAX_CPU_ISA=AVX2)" in console.device_text(config.Config(), CPU)
+    cpu_with(monkeypatch, "AVX512", avx512_bf16=True, matmul_tflops=(0.23, 0.12))     # a Xeon whose AMX the VM hides
+    assert choice(CPU)[0] == "fp32"
+    assert "auto fp32: AVX512 CPU with AVX512-BF16, bf16 matrix product 0.12 TFLOP/s, fp32 0.23: fp32 is faster here" \
+        in console.device_text(config.resolve("cpu"), CPU)
+    assert "bf16 as set, slow: " in console.device_text(config.Config(precision="bf16"), CPU)
     cpu_with(monkeypatch, "AVX512")                                        # Skylake-X: bf16 emulated
     assert choice(CPU)[0] == "fp32"
     cpu_with(monkeypatch, "AVX2")                                          # most laptops, the Zen 3 here
@@ -95,6 +103,12 @@ def test_auto_on_a_cpu_is_bf16_only_where_torch_runs_it_natively(monkeypatch):
         console.device_text(config.Config(), CPU)
     assert "bf16 as set, slow: " in console.device_text(config.Config(precision="bf16"), CPU)
     assert choice(CPU, precision="fp16") == ("fp16", False, True)
+
+
+def test_the_cpus_matrix_products_are_measured_once_per_process():
+    devices.cpu_matmul_tflops.cache_clear()
+    fp32, bf16 = first = devices.cpu_matmul_tflops()
+    assert fp32 > 0 and bf16 > 0 and devices.cpu_matmul_tflops() is first
 
 
 def test_the_cpu_recipe_is_fp32_on_a_cpu_held_to_avx2_and_leaves_precision_to_auto():
