@@ -111,13 +111,15 @@ def cpu_bf16():
 
 @functools.cache
 def cpu_matmul_tflops():
-    """(fp32, bf16) TFLOP/s of this CPU's matrix product, measured once per process in about half a second. A CPU
-    whose bf16 units the guest hides (a Xeon's AMX) or that runs them no faster than its fp32 FMAs trains slower in
-    bf16, whatever its flags say."""
+    """(fp32, bf16) TFLOP/s of this CPU's matrix product, measured once per process in under a second: the best of 3
+    interleaved readings each, as a busy host only slows a reading down. A CPU whose bf16 units the guest hides (a
+    Xeon's AMX) or that runs them no faster than its fp32 FMAs trains slower in bf16, whatever its flags say."""
     import roofline     # note: here, not at the top: roofline imports this module
-    cpu = torch.device("cpu")
-    return tuple(roofline.matmul_tflops(cpu, dtype, seconds=0.25, largest=1024)
-                 for dtype in (torch.float32, torch.bfloat16))
+    cpu, readings = torch.device("cpu"), {torch.float32: [], torch.bfloat16: []}
+    for _ in range(3):
+        for dtype, seen in readings.items():
+            seen.append(roofline.matmul_tflops(cpu, dtype, seconds=0.1, largest=1024))
+    return max(readings[torch.float32]), max(readings[torch.bfloat16])
 
 
 def pick_precision(cfg, device):
