@@ -122,18 +122,23 @@ def cpu_matmul_tflops():
     return max(readings[torch.float32]), max(readings[torch.bfloat16])
 
 
-def pick_precision(cfg, device):
-    """(precision, why in words): "bf16", "fp16" or "fp32", as set, or under auto what the device runs natively."""
+def native_bf16(device):
+    """(native bf16?, why) on this device."""
     if device.type == "cuda":
         major, minor = torch.cuda.get_device_capability(device)
         native = (major, minor) >= (8, 0)
-        why = f"capability {major}.{minor}" + ("" if native else " has no bf16")
-    elif device.type == "xpu":
-        native, why = torch.xpu.is_bf16_supported(), "torch.xpu.is_bf16_supported()"
-    elif device.type == "mps":
-        native, why = False, "autocast on MPS is not yet run by us"
-    else:
-        native, why = cpu_bf16()
+        return native, f"capability {major}.{minor}" + ("" if native else " has no bf16")
+    if device.type == "xpu":
+        return torch.xpu.is_bf16_supported(), "torch.xpu.is_bf16_supported()"
+    if device.type == "mps":
+        return False, "autocast on MPS is not yet run by us"
+    return cpu_bf16()
+
+
+def pick_precision(cfg, device):
+    """(precision, why in words): "bf16", "fp16" or "fp32", as set, or under auto what the device runs natively. fp32
+    or fp16 as set asks the device nothing (a CPU would time its matrix products)."""
+    native, why = native_bf16(device) if cfg.precision in ("auto", "bf16") else (None, "")
     precision = cfg.precision
     if precision == "auto":
         precision = "bf16" if native else "fp16" if device.type == "cuda" else "fp32"

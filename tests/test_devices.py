@@ -105,6 +105,13 @@ def test_auto_on_a_cpu_is_bf16_only_where_torch_runs_it_natively_and_faster_than
     assert choice(CPU, precision="fp16") == ("fp16", False, True)
 
 
+def test_fp32_or_fp16_as_set_times_no_matrix_products(monkeypatch):
+    cpu_with(monkeypatch, "AVX512", avx512_bf16=True)
+    monkeypatch.setattr(devices, "cpu_matmul_tflops", lambda: pytest.fail("timed the matrix products"))
+    assert choice(CPU, precision="fp32") == ("fp32", False, False)
+    assert choice(CPU, precision="fp16") == ("fp16", False, True)
+
+
 def test_the_cpus_matrix_products_are_measured_once_per_process():
     devices.cpu_matmul_tflops.cache_clear()
     fp32, bf16 = first = devices.cpu_matmul_tflops()
