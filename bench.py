@@ -42,7 +42,7 @@ import devices
 import files
 import optim
 import roofline
-from resnet import ResNet
+import resnet
 
 # key, label, autocast, channels-last, engine compile setting (None: eager)
 MODES = [("fp32", "eager fp32", False, False, None),
@@ -69,7 +69,7 @@ def make_step(cfg, device, precision, channels_last, compile_setting=None):
     as switches."""
     torch.manual_seed(0)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
-    model = ResNet(cfg.blocks, cfg.channels, stem_stride=cfg.stem_stride).to(device, memory_format=fmt)
+    model = resnet.from_config(cfg).to(device, memory_format=fmt)
     opt = optim.make_optimizer(model, cfg)
     x = torch.randn(cfg.batch_size, 3, 32, 32, device=device).contiguous(memory_format=fmt)
     y = torch.randint(0, 100, (cfg.batch_size,), device=device)
@@ -211,7 +211,7 @@ def main():
         x = torch.randint(0, 256, (max(n_ours, n_report, n_aug), 3, 32, 32), dtype=torch.uint8, generator=g)
         y = torch.randint(0, 100, (len(x),), generator=g)
     v = devices.versions()
-    params = ResNet(cfg.blocks, cfg.channels, stem_stride=cfg.stem_stride).num_params()
+    params = resnet.from_config(cfg).num_params()
     result = {"exp": args.exp, "blocks": cfg.blocks, "channels": cfg.channels, "params": params,
               "optimizer": cfg.optimizer, "batch_size": cfg.batch_size, "steps": steps, "warmup": warmup,
               "device": v["gpu"] or f"cpu, {torch.get_num_threads()} threads", "versions": v,
@@ -260,7 +260,7 @@ def main():
             print(f"{label} | {row['status']} | {row['img_per_s'] or '-'} img/s", flush=True)
         result["modes"].append(row)
         save()
-    result["roofline"] = roofline.measure(cfg, device, result["throughput"])
+    result["roofline"] = roofline.measure(resnet.from_config(cfg), cfg, device, result["throughput"])
     save()
     print()
     print(table(result))

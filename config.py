@@ -46,19 +46,25 @@ class Config:
     init: str = ""                 # a checkpoint (.ckpt or .last.ckpt) of the same architecture whose weights start
                                    # a fresh run (fine-tuning); the optimizer and schedule start afresh; "" = random
     # optim
-    optimizer: str = "adam"        # "sgd" (momentum, nesterov), "adam" or "adamw"
+    optimizer: str = "adam"        # "sgd" (momentum, nesterov), "adam", "adamw", or "muon": Muon for the convolution
+                                   # filters, Nesterov SGD (lr, momentum, weight_decay) for BatchNorm and the head
     lr: float = 0.002              # peak LR
     momentum: float = 0.9          # SGD momentum, Adam beta1
     nesterov: bool = True
     weight_decay: float = 1e-4
+    muon_lr: float = 0.05          # muon: Muon's peak LR (the schedule scales it as it scales lr)
+    muon_momentum: float = 0.95    # muon: Nesterov momentum of the filters' updates
+    muon_weight_decay: float = 0.0  # muon: decoupled weight decay of the filters (x Muon's LR each step)
+    ns_steps: int = 5              # muon: Newton-Schulz iterations that orthogonalise each update
     bn_bias_lr: float = 1.0        # LR multiplier of the BatchNorm biases (their weight decay per step unchanged)
     label_smoothing: float = 0.0
     batch_size: int = 128
     epochs: int = 20
     budget_s: float = 0.0          # seconds of training: sets epochs from the speed measured at the start; 0 = off
     # schedule (stepped per iteration)
-    schedule: str = "constant"     # "constant", "cosine", "onecycle" or "multistep"
+    schedule: str = "constant"     # "constant", "cosine", "onecycle", "wsd" (warm-up, stable, linear decay) or "multistep"
     warmup: float = 0.0            # fraction of all steps spent warming up linearly from 0
+    cooldown: float = 0.4          # wsd: fraction of all steps, at the end, decaying linearly to final_lr
     final_lr: float = 0.0          # fraction of lr reached at the end (cosine, onecycle)
     milestones: list = field(default_factory=lambda: [0.5, 0.75])   # multistep: lr x gamma from each; fractions of
                                    # the run if all < 1, else epochs (the first step of the epoch after it)
@@ -91,8 +97,8 @@ class Config:
     note: str = ""                 # measured result of the recipe (experiments.json only)
 
 
-CHOICES = {"dataset": ("cifar100", "synthetic"), "optimizer": ("sgd", "adam", "adamw"), "lrfind_stop": ("smooth", "raw"),
-           "schedule": ("constant", "cosine", "onecycle", "multistep"), "device": ("auto", "cuda", "xpu", "mps", "cpu"),
+CHOICES = {"dataset": ("cifar100", "synthetic"), "optimizer": ("sgd", "adam", "adamw", "muon"), "lrfind_stop": ("smooth", "raw"),
+           "schedule": ("constant", "cosine", "onecycle", "wsd", "multistep"), "device": ("auto", "cuda", "xpu", "mps", "cpu"),
            "precision": ("auto", "bf16", "fp16", "fp32"),
            "flip": ("random", "alternate"), "stem_init": ("", "whiten"), "auto_augment": ("", "ta_wide", "ra", "aa_cifar10"),
            "compile": ("auto", "on", "off", "reduce-overhead", "max-autotune-no-cudagraphs")}
@@ -132,24 +138,26 @@ def check_value(key, value):
 def validate(cfg):
     """Reject impossible combinations and out-of-range values."""
     positive = ["lr", "batch_size", "epochs", "stem_stride", "val_every", "lrfind_start", "auto_augment_group", "gamma",
-                "bn_bias_lr"]
+                "bn_bias_lr", "muon_lr", "ns_steps"]
     non_negative = ["weight_decay", "subset", "cutout", "momentum", "warmup", "final_lr", "log_every", "progress_s",
-                    "mixup", "cutmix", "threads", "budget_s"]
+                    "mixup", "cutmix", "threads", "budget_s", "muon_weight_decay"]
     for key in positive:
         if getattr(cfg, key) <= 0:
             raise UserError(f"config key '{key}' must be > 0, got {getattr(cfg, key)}")
     for key in non_negative:
         if getattr(cfg, key) < 0:
             raise UserError(f"config key '{key}' must be >= 0, got {getattr(cfg, key)}")
-    for key in ["label_smoothing", "ema", "momentum", "warmup"]:
+    for key in ["label_smoothing", "ema", "momentum", "warmup", "muon_momentum"]:
         if not 0 <= getattr(cfg, key) < 1:
             raise UserError(f"config key '{key}' must be in [0, 1), got {getattr(cfg, key)}")
     for key in ["crop_pad", "tta_translate"]:      # pixels: a shift within a quarter of the 32-pixel side
         if not 0 <= getattr(cfg, key) <= 8:
             raise UserError(f"config key '{key}' must be in [0, 8] pixels, got {getattr(cfg, key)}")
-    for key in ["mix_prob", "mix_switch"]:
+    for key in ["mix_prob", "mix_switch", "cooldown"]:
         if not 0 <= getattr(cfg, key) <= 1:
             raise UserError(f"config key '{key}' must be in [0, 1], got {getattr(cfg, key)}")
+    if cfg.warmup + cfg.cooldown > 1:
+        raise UserError(f"config keys 'warmup' {cfg.warmup} and 'cooldown' {cfg.cooldown} must add up to at most 1")
     m = cfg.milestones
     if not (all(0 < v < 1 for v in m) or all(isinstance(v, int) and v >= 1 for v in m)) or m != sorted(set(m)):
         raise UserError(f"config key 'milestones' must be increasing fractions of the run (all < 1) or epochs "

@@ -14,7 +14,7 @@ import torch
 
 import config
 import devices
-from resnet import ResNet
+import resnet
 
 LONG_RUN_S = 3600        # a CPU run longer than this gets the estimate line
 ESTIMATE_AFTER = 2       # steps before that estimate (the first, a warm-up, not timed): a slow CPU is told at once
@@ -78,7 +78,7 @@ def cpu_recipe():
         cfgs = [config.resolve(name) for name in names]
     except config.UserError:
         return None
-    cost = {c.name: ResNet(c.blocks, c.channels, stem_stride=c.stem_stride).num_params() * c.epochs
+    cost = {c.name: resnet.from_config(c).num_params() * c.epochs
             for c in cfgs if c.dataset == "cifar100" and not c.subset}
     return f"--exp {min(cost, key=cost.get)}" if cost else None
 
@@ -144,12 +144,18 @@ def tta_text(with_tta, plain, tta, translate=0):
     return f" ({name}; {100 * plain:.2f}% without)" if with_tta else f" (no TTA; {100 * tta:.2f}% with {name})"
 
 
+def flops_text(flops):
+    """Training compute in words: '0.353 PFLOP', '27.9 TFLOP'."""
+    return f"{flops / 1e15:.3g} PFLOP" if flops >= 1e14 else f"{flops / 1e12:.3g} TFLOP"
+
+
 def done_line(s):
     """The run's last line, from its summary."""
     tta, translate = s.get("config", {}).get("tta"), s.get("config", {}).get("tta_translate", 0)
     return (f"done {s['name']} | best val {100 * s['best_val_acc']:.2f}% (epoch {s['best_epoch']}) | "
             f"test {100 * s['test_acc']:.2f}%{tta_text(tta, s.get('test_acc_plain'), s.get('test_acc_tta'), translate)} "
-            f"top5 {100 * s['test_top5']:.2f}% | params {s['params'] / 1e6:.2f}M | "
+            f"top5 {100 * s['test_top5']:.2f}% | params {s['params'] / 1e6:.2f}M" +
+            (f" | {flops_text(s['train_flops'])} | " if "train_flops" in s else " | ") +
             f"train {s['train_s']:.1f}s (compile {s.get('compile_s', 0):.1f}s apart) wall {s['wall_s']:.1f}s")
 
 

@@ -22,8 +22,10 @@ import data
 import devices
 import files
 import optim
+import roofline
 from config import UserError
-from resnet import ResNet, whiten_
+import resnet
+from resnet import whiten_
 
 PREEMPTED_EXIT = 75         # exit code after a stop signal: last.ckpt is saved, requeue and --resume
 INTERRUPTED_EXIT = 130      # after Ctrl-C (128 + SIGINT, as shells expect); last.ckpt is saved as well
@@ -59,7 +61,7 @@ def warm_up(model, compiled, cfg, x, y, precision):
     t0 = time.time()
     with devices.compile_errors():
         for _ in range(3 if cfg.compile == "reduce-overhead" else 1):    # CUDA graphs: warm-up, recording, a replay
-            train_step(compiled, optim.make_optimizer(model, cfg), x, y, cfg, 0.0, precision,
+            train_step(compiled, optim.make_optimizer(model, cfg, precision), x, y, cfg, 0.0, precision,
                        devices.grad_scaler(x.device, precision))
     devices.synchronize(x.device)
     model.load_state_dict(saved)        # in place: the parameters keep the addresses the graphs were recorded on
@@ -74,7 +76,7 @@ def measure_speed(model, compiled, cfg, x, y, precision, ema=None, num_classes=1
     timed ones for budget_s / 40 seconds within 1..5 s, at least 2: a shared host's speed swings within seconds) at lr 0
     with a throwaway optimizer and EMA copy; the weights and BN statistics are put back after, as in warm_up."""
     saved, ema = copy.deepcopy(model.state_dict()), copy.deepcopy(ema)
-    opt, scaler = optim.make_optimizer(model, cfg), devices.grad_scaler(x.device, precision)
+    opt, scaler = optim.make_optimizer(model, cfg, precision), devices.grad_scaler(x.device, precision)
     t0 = time.time()
     batches = itertools.cycle(data.train_batches(x, y, cfg, 0, num_classes=num_classes))    # short epochs: again
     xb, yb = next(batches)
@@ -100,7 +102,7 @@ def measure_speed(model, compiled, cfg, x, y, precision, ema=None, num_classes=1
 # model and training step (optim.py: optimizer and schedule)
 
 def build_model(cfg, num_classes=100, device="cpu"):
-    return ResNet(cfg.blocks, cfg.channels, num_classes, cfg.stem_stride).to(device, memory_format=torch.channels_last)
+    return resnet.from_config(cfg, num_classes).to(device, memory_format=torch.channels_last)
 
 
 def train_step(model, opt, x, y, cfg, lr, precision="fp32", scaler=None):
@@ -285,8 +287,8 @@ def train_locked(cfg, device, paths, resume, log):
         load_weights(model, init, cfg)
     elif cfg.stem_init == "whiten":     # from 5,000 training images spread over the split (a resumed run's are loaded)
         whiten_(model.stem[0], data.normalize(train_x[::max(1, len(train_x) // 5000)]))
-    opt = optim.make_optimizer(model, cfg)
     precision = devices.pick_precision(cfg, device)[0]      # cfg.precision (auto) is what checkpoints keep
+    opt = optim.make_optimizer(model, cfg, precision)
     scaler = devices.grad_scaler(device, precision)
     ema = copy.deepcopy(model) if cfg.ema else None     # weights and BN statistics, updated by update_ema
     eval_model = ema if ema is not None else model
@@ -430,6 +432,7 @@ def finish(cfg, d, paths, device, first_batch_loss, wall_s, log, compile_s=0.0, 
     best_ckpt = files.load_checkpoint(paths["best"])
     best_model = model_from(best_ckpt, device)
     test = evaluate(best_model, *d["test"], cfg.tta, precision, cfg.tta_translate)
+    steps = data.steps_per_epoch(len(d["train"][0]), cfg.batch_size) * cfg.epochs
     with open(paths["csv"], newline="") as f:
         train_s = sum(float(r["epoch_s"]) for r in csv.DictReader(f))
     summary = {"name": cfg.name, "status": "finished", "started": files.start_time(paths["summary"]),
@@ -440,6 +443,7 @@ def finish(cfg, d, paths, device, first_batch_loss, wall_s, log, compile_s=0.0, 
                "best_val_acc_tta": best_ckpt["metrics"].get("val_acc_tta"),
                "test_acc_plain": test["acc_plain"], "test_acc_tta": test["acc_tta"],
                "first_batch_loss": first_batch_loss, "params": best_model.num_params(),
+               "train_flops": roofline.step_flops(best_model, cfg) * steps,    # whatever the device or precision
                "train_s": round(train_s, 3), "compile_s": round(compile_s, 3), "wall_s": round(wall_s, 3),
                "device": str(device), "precision": precision, **best_ckpt.get("budget", {}),
                "files": [str(paths[k]) for k in ("csv", "best", "last", "summary")],

@@ -64,3 +64,8 @@ class ResNet(nn.Module):
 
     def num_params(self):
         return sum(p.numel() for p in self.parameters())
+
+
+def from_config(cfg, num_classes=100):
+    """The ResNet that a Config (or a checkpoint's config) describes."""
+    return ResNet(cfg.blocks, cfg.channels, num_classes, cfg.stem_stride)

@@ -34,7 +34,7 @@ import devices
 import engine
 import files
 import run_train
-from resnet import ResNet
+import resnet
 
 SHORT = {"lr": "lr", "weight_decay": "wd", "blocks": "b", "channels": "c", "batch_size": "bs",
          "label_smoothing": "ls", "optimizer": "", "schedule": ""}     # key prefixes in run names
@@ -136,7 +136,7 @@ def seed_means(rows):
 
 def result_row(index, name, varied, cfg, status, s=None, reason=""):
     row = {"index": index, "run": name, **{k: json.dumps(v) if isinstance(v, list) else v for k, v in varied.items()},
-           "params": s["params"] if s else ResNet(cfg.blocks, cfg.channels, stem_stride=cfg.stem_stride).num_params(),
+           "params": s["params"] if s else resnet.from_config(cfg).num_params(),
            "status": status, "reason": reason}
     if "seed" in varied:        # the configs that differ only by seed make one group
         row["group"] = run_name({k: v for k, v in varied.items() if k != "seed"})

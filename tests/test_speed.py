@@ -117,12 +117,23 @@ def test_bench_prints_a_table_and_writes_pipeline_speedup_mode_throughputs_roofl
     assert "aten::convolution_backward" in profile and "augmentation: data.train_batches" in profile
 
 
-def test_training_flops_per_image_counts_forward_and_backward_of_every_conv_and_the_classifier():
+def test_step_flops_count_forward_and_backward_of_every_conv_and_the_classifier():
     import roofline
     stem, conv, fc = 2 * 3 * 8 * 9 * 32 * 32, 2 * 8 * 8 * 9 * 32 * 32, 2 * 8 * 100
     forward = stem + 2 * conv + fc
     # backward: a weight gradient for every layer, an input gradient for all but the stem (its input needs none)
-    assert roofline.training_flops_per_image(config.Config(blocks=[1], channels=[8])) == 3 * forward - stem
+    cfg = config.Config(blocks=[1], channels=[8], batch_size=4, optimizer="sgd")
+    assert roofline.step_flops(engine.build_model(cfg), cfg) == 4 * (3 * forward - stem)
+
+
+def test_step_flops_add_muons_newton_schulz_products():
+    import roofline
+    sgd = config.Config(blocks=[1], channels=[8], batch_size=4, optimizer="sgd")
+    muon = config.Config(blocks=[1], channels=[8], batch_size=4, optimizer="muon", ns_steps=5)
+    # filters 8 x 27 (the stem) and 8 x 72 (two convs): per Newton-Schulz step X X^T, (b G + c G G) and that times X
+    ns = sum(5 * (2 * 8 * 8 * n + 2 * 8 ** 3 + 2 * 8 * 8 * n) for n in (27, 72, 72))
+    model = engine.build_model(sgd)
+    assert roofline.step_flops(model, muon) - roofline.step_flops(model, sgd) == ns
 
 
 def test_gpu_check_script_is_valid_bash():
