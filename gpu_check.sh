@@ -1,18 +1,19 @@
 #!/usr/bin/env bash
-# The GPU session's one prepared script: versions, data statistics, bench, LR finder, the fast/c70/report/best
-# recipes each with run_eval.py, then results/ files and a short table printed last. About 9 minutes in all.
+# One script that runs every GPU check on a GPU machine: versions, data statistics, bench, LR finder, the
+# fast/c70/report/best recipes each with run_eval.py, then results/ files and a short table printed last.
+# About 9 minutes in all (each step's estimate is a comment below; none is measured yet).
 #
-#   cat /root/c100/*.part-* | tar -xJ -C /root/c100 && bash gpu_check.sh   # on the GPU machine (device tool)
+#   cat /root/c100/*.part-* | tar -xJ -C /root/c100 && bash gpu_check.sh   # the data shipped in parts to /root/c100
 #   DATA_DIR=~/data BUDGET_S=900 bash gpu_check.sh                         # any GPU machine, more time
 #   bash gpu_check.sh --dry-run            # the plumbing on CPU: generated data, tiny models, about a minute
 #
-# Each step has its own timeout, cut to the script's deadline (BUDGET_S seconds, default 530, which leaves the
-# device tool's 600 s call room for unpacking and the final table; with less device time left, set BUDGET_S to
-# the call's limit less ~70 s), so a failing or slow step never stops the rest.
+# Each step has its own timeout, cut to the script's deadline (BUDGET_S seconds, default 530, which fits a 600 s
+# limit on one command with room for unpacking the data and the final table; under a shorter limit, set BUDGET_S
+# to it less ~70 s), so a failing or slow step never stops the rest.
 # run_train.py takes the timeout's SIGTERM as a stop request: it saves <exp>.last.ckpt and exits 75, keeping the
 # CSV and <exp>.ckpt of the epochs done, so run_eval.py still measures the best checkpoint so far.
-# Logs, results/ files, bench and data JSONs go to $OUT (the device tool returns what is written there; default
-# ./gpu_out). Copy $OUT/results/* into the repository's results/ afterwards.
+# Where its files go: logs, results/ files, bench and data JSONs to $OUT (default ./gpu_out), all small enough to
+# copy off the machine; checkpoints stay in out/gpu_check. Copy $OUT/results/* into the repository's results/.
 set -uo pipefail
 cd "$(dirname "$0")"
 
