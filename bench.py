@@ -41,8 +41,8 @@ import data
 import devices
 import files
 import optim
-import roofline
 import resnet
+import roofline
 
 # key, label, autocast, channels-last, engine compile setting (None: eager)
 MODES = [("fp32", "eager fp32", False, False, None),
@@ -151,7 +151,7 @@ def table(result):
     return "\n".join(lines)
 
 
-def main():
+def parse_args():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--exp", default="report", help="whose model and optimizer to time (default: report)")
     p.add_argument("--batch-size", type=int,
@@ -177,7 +177,12 @@ def main():
     p.add_argument("--profile", action="store_true",
                    help="also write <out>/profile_<exp>.txt: torch.profiler's table of one step as the engine trains")
     p.add_argument("--out", default="out")
-    args = p.parse_args()
+    return p.parse_args()
+
+
+def resolve(args):
+    """(cfg, device, autocast precision) for args; fills in args' defaults for the device (steps, warmup, images) and
+    turns --modes (None: all that apply), --augmentations and --policy-groups into sets and a list. Bad values exit."""
     try:
         cfg = config.resolve(args.exp, [("device", args.device)])
         device = devices.setup(cfg)
@@ -187,46 +192,50 @@ def main():
     amp = devices.pick_precision(cfg, device)[0]       # the engine's autocast precision here; bf16 where that is fp32
     amp = "bf16" if amp == "fp32" else amp
     cfg.batch_size = args.batch_size or (512 if cuda else 128)
-    steps, warmup = args.steps or (50 if cuda else 2), max(1, args.warmup or (10 if cuda else 1))
-    asked = set(args.modes.split(",")) if args.modes else None
-    if asked and asked - {m[0] for m in MODES}:
-        sys.exit(f"error: unknown mode(s) {', '.join(sorted(asked - {m[0] for m in MODES}))}; known: "
+    args.steps, args.warmup = args.steps or (50 if cuda else 2), max(1, args.warmup or (10 if cuda else 1))
+    args.images = args.images or (45_000 if cuda else 10_000)
+    args.report_images = args.report_images or (20_000 if cuda else 4_000)
+    args.aug_images = args.aug_images or (10_000 if cuda else 2_000)
+    args.modes = set(args.modes.split(",")) if args.modes else None
+    if args.modes and args.modes - {m[0] for m in MODES}:
+        sys.exit(f"error: unknown mode(s) {', '.join(sorted(args.modes - {m[0] for m in MODES}))}; known: "
                  f"{', '.join(m[0] for m in MODES)}")
-    n_ours, n_report = args.images or (45_000 if cuda else 10_000), args.report_images or (20_000 if cuda else 4_000)
-    n_aug, augmentations = args.aug_images or (10_000 if cuda else 2_000), set(filter(None, args.augmentations.split(",")))
+    args.augmentations = set(filter(None, args.augmentations.split(",")))
     known = [a[0] for a in bench_pipeline.AUGMENTATIONS]
-    if augmentations - set(known):
-        sys.exit(f"error: unknown augmentation(s) {', '.join(sorted(augmentations - set(known)))}; "
+    if args.augmentations - set(known):
+        sys.exit(f"error: unknown augmentation(s) {', '.join(sorted(args.augmentations - set(known)))}; "
                  f"known: {', '.join(known)}")
     groups = [int(g) for g in args.policy_groups.split(",") if g.isdigit() and int(g) > 0]
     if len(groups) != len([g for g in args.policy_groups.split(",") if g]):
         sys.exit(f"error: --policy-groups expects a comma list of positive integers, got '{args.policy_groups}'")
+    args.policy_groups = groups
+    return cfg, device, amp
+
+
+def load_images(args, cfg):
+    """(images, labels): the training split of --data-dir, else random uint8 images, as many as the largest timing."""
     if args.data_dir:
         try:
-            x, y = data.load(dataclasses.replace(cfg, data_dir=args.data_dir, download=False))["train"]
+            return data.load(dataclasses.replace(cfg, data_dir=args.data_dir, download=False))["train"]
         except config.UserError as e:
             sys.exit(f"error: {e}")
-    else:
-        g = torch.Generator().manual_seed(0)
-        x = torch.randint(0, 256, (max(n_ours, n_report, n_aug), 3, 32, 32), dtype=torch.uint8, generator=g)
-        y = torch.randint(0, 100, (len(x),), generator=g)
-    v = devices.versions()
-    params = resnet.from_config(cfg).num_params()
-    result = {"exp": args.exp, "blocks": cfg.blocks, "channels": cfg.channels, "params": params,
-              "optimizer": cfg.optimizer, "batch_size": cfg.batch_size, "steps": steps, "warmup": warmup,
-              "device": v["gpu"] or f"cpu, {torch.get_num_threads()} threads", "versions": v,
-              "data": args.data_dir or "random uint8", "modes": [], "throughput": {}, "pipeline": {},
-              "augmentation": []}
-    out = Path(args.out) / "bench.json"
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 256, (max(args.images, args.report_images, args.aug_images), 3, 32, 32), dtype=torch.uint8,
+                      generator=g)
+    return x, torch.randint(0, 100, (len(x),), generator=g)
 
-    def save():
-        if args.json:
-            out.parent.mkdir(parents=True, exist_ok=True)
-            files.write_json(result, out)
 
-    print(f"bench | {args.exp} model: blocks {cfg.blocks} channels {cfg.channels}, {params / 1e6:.2f}M params, "
-          f"{cfg.optimizer} | batch {cfg.batch_size} | {result['device']} | torch {v['torch']} cuda {v['cuda']}",
-          flush=True)
+def save(result, args):
+    """The figures so far to <out>/bench.json, where --json asks for them."""
+    if args.json:
+        out = Path(args.out) / "bench.json"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        files.write_json(result, out)
+
+
+def time_pipelines(result, args, cfg, device, x, y):
+    """Our input pipeline against the report's, then each augmentation's cost, into result."""
+    n_ours, n_report, n_aug = args.images, args.report_images, args.aug_images
     ours = bench_pipeline.time_ours(x[:n_ours].to(device), y[:n_ours].to(device), cfg.batch_size, epochs=5)
     report = bench_pipeline.time_report(x[:n_report], y[:n_report], cfg.batch_size, args.workers, device, repeats=5)
     result["pipeline"] = {"ours_img_per_s": round(ours), "report_img_per_s": round(report), "workers": args.workers,
@@ -234,21 +243,27 @@ def main():
     result["pipeline_speedup"] = round(ours / report, 2)
     print(f"pipeline | ours {ours:,.0f} img/s | report {report:,.0f} img/s | "
           f"pipeline_speedup {result['pipeline_speedup']:.1f}x", flush=True)
-    save()
-    if augmentations:
+    save(result, args)
+    if args.augmentations:
         result["augmentation"] = bench_pipeline.time_augmentations(x[:n_aug].to(device), y[:n_aug].to(device),
-                                                                   cfg.batch_size, augmentations, groups)
-        save()
+                                                                   cfg.batch_size, args.augmentations, args.policy_groups)
+        save(result, args)
+
+
+def time_modes(result, args, cfg, device, amp):
+    """Training images/s of each mode of MODES that applies, and its ratio to eager fp32, into result."""
+    cuda = device.type == "cuda"
     baseline = None
     for key, label, autocast, channels_last, compile_setting in MODES:
         precision = amp if autocast else "fp32"
         row = {"key": key, "label": f"{amp} {label}" if key == "bf16" else label,
                "precision": precision if autocast or not cuda else "tf32",
                "img_per_s": None, "ratio": None, "compile_s": None,
-               "status": skip_reason(key, compile_setting, device, asked)}
+               "status": skip_reason(key, compile_setting, device, args.modes)}
         if not row["status"]:
             try:
-                rate, compile_s = time_training(cfg, device, precision, channels_last, compile_setting, steps, warmup)
+                rate, compile_s = time_training(cfg, device, precision, channels_last, compile_setting, args.steps,
+                                                args.warmup)
                 baseline = baseline or (rate if key == "fp32" else None)
                 row.update(img_per_s=round(rate, 1), compile_s=compile_s and round(compile_s, 1),
                            ratio=round(rate / baseline, 3) if baseline else None, status="measured")
@@ -259,9 +274,13 @@ def main():
                 torch.cuda.empty_cache()
             print(f"{label} | {row['status']} | {row['img_per_s'] or '-'} img/s", flush=True)
         result["modes"].append(row)
-        save()
+        save(result, args)
+
+
+def finish(result, args, cfg, device, x, y):
+    """The roofline beside the modes, the tables, the profile where --profile asks for it, and the closing line."""
     result["roofline"] = roofline.measure(resnet.from_config(cfg), cfg, device, result["throughput"])
-    save()
+    save(result, args)
     print()
     print(table(result))
     print(roofline.line(result["roofline"]))
@@ -271,11 +290,30 @@ def main():
         path.parent.mkdir(parents=True, exist_ok=True)
         with files.atomic_open(path) as f:
             f.write(f"{args.exp} | batch {cfg.batch_size} | {result['device']} | {precision}, channels-last (the epoch's "
-                    f"crop + flip runs at its first batch) | torch {v['torch']}\n"
-                    + profile_step(cfg, device, precision, x[:n_ours].to(device), y[:n_ours].to(device)) + "\n")
+                    f"crop + flip runs at its first batch) | torch {result['versions']['torch']}\n"
+                    + profile_step(cfg, device, precision, x[:args.images].to(device), y[:args.images].to(device)) + "\n")
         print(f"profile | written {path}")
     print(f"\npipeline_speedup {result['pipeline_speedup']:.1f}x (ours over the report's DataLoader, images/s)"
-          + (f" | written {out}" if args.json else ""))
+          + (f" | written {Path(args.out) / 'bench.json'}" if args.json else ""))
+
+
+def main():
+    args = parse_args()
+    cfg, device, amp = resolve(args)
+    x, y = load_images(args, cfg)
+    v = devices.versions()
+    params = resnet.from_config(cfg).num_params()
+    result = {"exp": args.exp, "blocks": cfg.blocks, "channels": cfg.channels, "params": params,
+              "optimizer": cfg.optimizer, "batch_size": cfg.batch_size, "steps": args.steps, "warmup": args.warmup,
+              "device": v["gpu"] or f"cpu, {torch.get_num_threads()} threads", "versions": v,
+              "data": args.data_dir or "random uint8", "modes": [], "throughput": {}, "pipeline": {},
+              "augmentation": []}
+    print(f"bench | {args.exp} model: blocks {cfg.blocks} channels {cfg.channels}, {params / 1e6:.2f}M params, "
+          f"{cfg.optimizer} | batch {cfg.batch_size} | {result['device']} | torch {v['torch']} cuda {v['cuda']}",
+          flush=True)
+    time_pipelines(result, args, cfg, device, x, y)
+    time_modes(result, args, cfg, device, amp)
+    finish(result, args, cfg, device, x, y)
 
 
 if __name__ == "__main__":

@@ -84,7 +84,7 @@ class Config:
     # system
     device: str = "auto"           # "auto" (the first of cuda, xpu, mps that is there, else cpu), "cuda", "xpu", "mps", "cpu"
     precision: str = "auto"        # "auto" (what the device runs natively: devices.py), "bf16", "fp16" (+ GradScaler), "fp32"
-    compile: str = "auto"          # "auto" (on for CUDA, off for CPU), "on", "off", or a torch.compile mode:
+    compile: str = "auto"          # "auto" (on where devices.py finds it can run), "on", "off", or a torch.compile mode:
                                    # "reduce-overhead" (CUDA graphs), "max-autotune-no-cudagraphs" (see bench.py)
     threads: int = 0               # CPU threads; 0 = OMP_NUM_THREADS if set, else the CPUs this process may run on
     seed: int = 0

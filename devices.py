@@ -2,19 +2,25 @@
 fp16), torch.compile and the CPU threads; and the versions stored with each run. With the config's "auto":
 
     device                                   precision           compile
-    CUDA, capability >= 8.0 (A100, H100)     bf16                on
-    CUDA, capability 7.x (V100, T4)          fp16 + GradScaler   on
+    CUDA, capability >= 8.0 (A100, H100)     bf16                on where Triton works, else off
+    CUDA, capability 7.x (V100, T4)          fp16 + GradScaler   on where Triton works, else off
     CUDA, capability < 7.0 (P100)            fp16 + GradScaler   off: Triton needs 7.0
-    Intel GPU (xpu)                          bf16 where torch.xpu says so, else fp32   off
-    Apple GPU (mps)                          fp32                off
-    CPU with AMX or AVX512-BF16, where bf16  bf16                off
-      matrix products outrun fp32's
-    any other CPU                            fp32                off
+    Intel GPU (xpu)                          bf16 where torch.xpu says it is native, else fp32
+                                                                 off: not yet run by us
+    Apple GPU (mps)                          fp32                off: not yet run by us
+    CPU with AMX or AVX512-BF16, where bf16  bf16                on where a C++ compiler builds against Python's
+      matrix products outrun fp32's                                headers (asked once, about 0.2 s), else off
+    any other CPU                            fp32                as above
+
+Where compile is off the run goes on eager and its first line says why; compile "on" (or a mode) where torch.compile
+cannot run is one error line. fp16 as set on a CPU says it is emulated there, unless the CPU has AVX512-FP16 or
+AMX-FP16. The CPU threads: one per physical core this process may run on.
 
     python -c "import devices, config; print(devices.setup(config.resolve('smoke')))"
 """
 import contextlib
 import functools
+import logging
 import os
 import platform
 import subprocess
@@ -22,7 +28,10 @@ from pathlib import Path
 
 import torch
 import torch._inductor.config
+import torch._inductor.cpp_builder
+import torch.utils._triton
 
+import hardware
 from config import UserError
 
 ACCELERATORS = {"cuda": "NVIDIA GPU (CUDA)", "xpu": "Intel GPU (XPU)", "mps": "Apple GPU (MPS)"}   # auto's order
@@ -57,10 +66,11 @@ def env_count(name):
 
 
 def cpu_threads(cfg):
-    """cfg.threads, else OMP_NUM_THREADS where set, else the CPUs this process may run on (taskset; SLURM's cpuset),
-    under SLURM no more than --cpus-per-task (a cluster that binds no CPUs leaves all of them to each job)."""
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return cfg.threads or env_count("OMP_NUM_THREADS") or min(cpus, env_count("SLURM_CPUS_PER_TASK") or cpus)
+    """cfg.threads, else OMP_NUM_THREADS where set, else one per physical core this process may run on (taskset;
+    SLURM's cpuset), under SLURM no more than --cpus-per-task (a cluster that binds no CPUs leaves all of them to each
+    job). A core's second hardware thread shares its vector units: it adds little to convolutions."""
+    cores = hardware.physical_cores()
+    return cfg.threads or env_count("OMP_NUM_THREADS") or min(cores, env_count("SLURM_CPUS_PER_TASK") or cores)
 
 
 def setup(cfg):
@@ -88,82 +98,69 @@ def synchronize(device):
 # ----------------------------------------------------------------------------
 # precision and compile
 
-def cpu_bf16():
-    """(native bf16?, why), as torch sees this CPU: its kernels run at AVX512 (ATEN_CPU_CAPABILITY may lower that),
-    the CPU has AMX or AVX512-BF16, oneDNN runs bf16 (ONEDNN_MAX_CPU_ISA may forbid it), and its bf16 matrix product
-    is faster than its fp32 one. Without those units bf16 is emulated, about ten times slower than fp32."""
-    level = torch.backends.cpu.get_cpu_capability()
-    limit = os.environ.get("ATEN_CPU_CAPABILITY")
-    level_text = f"{level} (ATEN_CPU_CAPABILITY={limit})" if limit else level
-    units = [name for name, probe in [("AMX", "_is_amx_tile_supported"), ("AVX512-BF16", "_is_avx512_bf16_supported")]
-             if getattr(torch.cpu, probe, lambda: False)()]
-    if not units:
-        return False, f"{level_text} CPU without AMX or AVX512-BF16"
-    if level != "AVX512":
-        return False, f"torch runs this CPU at {level_text}, without its {' and '.join(units)}"
-    if not torch.ops.mkldnn._is_mkldnn_bf16_supported():
-        isa = os.environ.get("ONEDNN_MAX_CPU_ISA")
-        return False, "oneDNN runs no bf16 here" + (f" (ONEDNN_MAX_CPU_ISA={isa})" if isa else "")
-    fp32, bf16 = cpu_matmul_tflops()
-    text = f"{level} CPU with {' and '.join(units)}, bf16 matrix product {bf16:.2f} TFLOP/s, fp32 {fp32:.2f}"
-    return bf16 > fp32, text + ("" if bf16 > fp32 else ": fp32 is faster here")
-
-
-@functools.cache
-def cpu_matmul_tflops():
-    """(fp32, bf16) TFLOP/s of this CPU's matrix product, measured once per process in under a second: the best of 3
-    interleaved readings each, as a busy host only slows a reading down. A CPU whose bf16 units the guest hides (a
-    Xeon's AMX) or that runs them no faster than its fp32 FMAs trains slower in bf16, whatever its flags say."""
-    import roofline     # note: here, not at the top: roofline imports this module
-    cpu, readings = torch.device("cpu"), {torch.float32: [], torch.bfloat16: []}
-    for _ in range(3):
-        for dtype, seen in readings.items():
-            seen.append(roofline.matmul_tflops(cpu, dtype, seconds=0.1, largest=1024))
-    return max(readings[torch.float32]), max(readings[torch.bfloat16])
-
-
-def native_bf16(device):
-    """(native bf16?, why) on this device."""
+def native_bf16(cfg, device):
+    """(native bf16?, why) on this device; a CPU times its matrix products at the threads the run will use."""
     if device.type == "cuda":
         major, minor = torch.cuda.get_device_capability(device)
         native = (major, minor) >= (8, 0)
         return native, f"capability {major}.{minor}" + ("" if native else " has no bf16")
     if device.type == "xpu":
-        return torch.xpu.is_bf16_supported(), "torch.xpu.is_bf16_supported()"
+        return hardware.xpu_bf16()
     if device.type == "mps":
         return False, "autocast on MPS is not yet run by us"
-    return cpu_bf16()
+    return hardware.cpu_bf16(cpu_threads(cfg))
 
 
 def pick_precision(cfg, device):
     """(precision, why in words): "bf16", "fp16" or "fp32", as set, or under auto what the device runs natively. fp32
-    or fp16 as set asks the device nothing (a CPU would time its matrix products)."""
-    native, why = native_bf16(device) if cfg.precision in ("auto", "bf16") else (None, "")
+    or fp16 as set asks the device nothing (a CPU would time its matrix products) but whether a CPU runs fp16."""
+    native, why = native_bf16(cfg, device) if cfg.precision in ("auto", "bf16") else \
+        hardware.cpu_fp16() if cfg.precision == "fp16" and device.type == "cpu" else (None, "")
     precision = cfg.precision
     if precision == "auto":
         precision = "bf16" if native else "fp16" if device.type == "cuda" else "fp32"
     name = precision + " + GradScaler" * (precision == "fp16")
     if cfg.precision == "auto":
         return precision, f"auto {name}: {why}"
-    return precision, f"{name} as set" + (f", slow: {why}" if precision == "bf16" and not native else "")
+    return precision, f"{name} as set" + (f", slow: {why}" if why and not native else "")
 
 
 def pick_compile(cfg, device, precision=None):
-    """(compile?, why): auto compiles on CUDA only, where Triton builds kernels for the GPU and the precision."""
-    if cfg.compile != "auto":
-        return cfg.compile != "off", f"compile {cfg.compile}"
+    """(compile?, why): "off" runs eager; auto compiles where nothing stands in the way (compile_blocker), else runs
+    eager and says why; "on" or a mode compiles where it can (use_compile refuses it where not)."""
+    if cfg.compile == "off":
+        return False, "compile off"
+    blocker = compile_blocker(cfg, device, precision)
+    if cfg.compile == "auto":
+        return not blocker, f"no compile: {blocker}" if blocker else "compile on"
+    return not blocker, f"compile {cfg.compile}" + (f", which cannot run here: {blocker}" if blocker else "")
+
+
+def compile_blocker(cfg, device, precision=None):
+    """What keeps torch.compile from running on this device, in words; "" where nothing does."""
+    if device.type == "cpu":
+        return hardware.cpp_compiler_problem()
     if device.type != "cuda":
-        return False, ""        # note: compiling takes minutes on few CPU cores; mps and xpu are not yet run by us
+        return f"not yet run by us on {device.type}"
     capability = torch.cuda.get_device_capability(device)
     if capability < (7, 0):
-        return False, "no compile: Triton needs capability 7.0"
-    if (precision or pick_precision(cfg, device)[0]) == "bf16" and capability < (8, 0):
-        return False, "no compile: Triton has no bf16 below capability 8.0"
-    return True, "compile on"
+        return f"Triton needs capability 7.0, this GPU has {capability[0]}.{capability[1]}"
+    if not torch.utils._triton.has_triton():
+        return "no working Triton here (pip install triton)"
+    bf16 = cfg.compile == "auto" and (precision or pick_precision(cfg, device)[0]) == "bf16"
+    return "Triton has no bf16 below capability 8.0" if bf16 and capability < (8, 0) else ""
 
 
 def use_compile(cfg, device):
-    return pick_compile(cfg, device)[0]
+    """Whether the run compiles. compile "on" or a mode where torch.compile cannot run is one error line before the
+    run starts, not a traceback at its first step."""
+    if cfg.compile in ("auto", "off"):
+        return pick_compile(cfg, device)[0]
+    blocker = compile_blocker(cfg, device)
+    if blocker:
+        raise UserError(f"torch.compile failed its check here ({blocker}), and compile {cfg.compile} was asked for: "
+                        f"run eager with --no-compile")
+    return True
 
 
 def choice_text(cfg, device):
@@ -185,6 +182,8 @@ def compile_model(model, cfg):
     setattr(torch._dynamo.config, limit, 64)       # note: past this many shapes dynamo silently runs eager (default 8)
     if cfg.deterministic and hasattr(torch._inductor.config, "deterministic"):
         torch._inductor.config.deterministic = True    # no on-device benchmarking of kernels: it changes numerics
+    if next(model.parameters()).device.type == "cpu":    # torch's C++ builder warns of CUDA_HOME as it loads: no news
+        logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)     # to a CPU user; errors still show
     mode = cfg.compile if cfg.compile in ("reduce-overhead", "max-autotune-no-cudagraphs") else None
     return torch.compile(model, dynamic=False, mode=mode)
 

@@ -220,3 +220,23 @@ def open_csv(path, keep_epochs):
             rows = [r for r in csv.DictReader(f) if r.get("epoch", "").isdigit() and int(r["epoch"]) <= keep_epochs]
     write_csv(path, CSV_COLUMNS, rows)
     return open(path, "a", newline="")
+
+
+def init_weights(cfg):
+    """The weights checkpoint cfg.init holds, to start a run from (as timm's --initial-checkpoint: weights only, the
+    optimizer and schedule start afresh): a best .ckpt's, or a .last.ckpt's (its EMA weights where it had EMA)."""
+    if any(Path(cfg.init).resolve() == p.resolve() for p in earlier_run(cfg)):
+        raise UserError(f"config key 'init': {cfg.init} is a file of this run, and a fresh start of {cfg.name} moves it "
+                        f"under {Path(cfg.out_dir) / 'old'}/: copy it elsewhere first, or give the run another name "
+                        f"(--set name=...)")
+    try:
+        ckpt = load_checkpoint(cfg.init)
+        theirs = config_from(ckpt)
+    except UserError as e:
+        raise UserError(f"config key 'init': {e}")
+    arch = ("blocks", "channels", "stem_stride")
+    mine, its = (" ".join(f"{k} {getattr(c, k)}" for k in arch) for c in (cfg, theirs))
+    if mine != its:
+        raise UserError(f"config key 'init': {cfg.init} holds another architecture ({its}) than this run ({mine}): "
+                        f"give the run the checkpoint's")
+    return trained_weights(ckpt)

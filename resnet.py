@@ -13,10 +13,11 @@ def whiten_(conv, images, eps=5e-4):
     filters beyond those keep their random init."""
     k = conv.kernel_size[0]
     patches = images.float().unfold(2, k, 1).unfold(3, k, 1).permute(0, 2, 3, 1, 4, 5).reshape(-1, 3 * k * k)
-    eigenvalues, eigenvectors = torch.linalg.eigh(patches.T @ patches / len(patches))
+    covariance = (patches.T @ patches / len(patches)).cpu()     # 3k^2 x 3k^2, decomposed on the CPU wherever the
+    eigenvalues, eigenvectors = torch.linalg.eigh(covariance)   # model is: no eigh on MPS before mid-2026 (#151874)
     filters = (eigenvectors.T / (eigenvalues[:, None] + eps).sqrt()).flip(0).reshape(-1, 3, k, k)
     filters = torch.cat([filters, -filters])[:conv.out_channels]
-    conv.weight[:len(filters)] = filters.to(conv.weight.dtype)
+    conv.weight[:len(filters)] = filters.to(conv.weight.device, conv.weight.dtype)
 
 
 class BasicBlock(nn.Module):

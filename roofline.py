@@ -3,34 +3,13 @@
     python -c "import roofline, config, resnet; cfg = config.resolve('cpu'); print(roofline.step_flops(resnet.from_config(cfg), cfg) / 1e12)"
 """
 import copy
-import time
 
 import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
-import devices
+import hardware
 import optim
-
-
-def matmul_tflops(device, dtype, seconds=2.0, largest=2048):
-    """TFLOP/s of an n x n matrix product in dtype, n doubled from 256 while the next size takes under seconds / 4 (a CPU
-    without native bf16 takes minutes for one 2048 product), then repeated for about `seconds`."""
-    def product_s(n, reps=1):
-        a, b = (torch.randn(n, n, device=device).to(dtype) for _ in range(2))
-        devices.synchronize(device)
-        t0 = time.perf_counter()
-        for _ in range(reps):
-            a @ b
-        devices.synchronize(device)
-        return (time.perf_counter() - t0) / reps
-
-    n, one_s = 256, product_s(256)
-    while n < largest and one_s * 8 * 4 < seconds:     # the next size takes 8x longer
-        n *= 2
-        one_s = product_s(n)
-    reps = max(2, min(1000, int(seconds / one_s)))
-    return 2 * n ** 3 / product_s(n, reps) / 1e12
 
 
 def step_flops(model, cfg):
@@ -49,7 +28,8 @@ def step_flops(model, cfg):
 
 def measure(model, cfg, device, throughput):
     """Matrix TFLOP/s in fp32 and bf16 beside the FLOP/s each measured mode achieves."""
-    peak = {p: round(matmul_tflops(device, dtype), 4) for p, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16))}
+    peak = {p: round(hardware.matmul_tflops(device, dtype), 4)
+            for p, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16))}
     per_image = step_flops(model, cfg) / cfg.batch_size
     achieved = {k: round(per_image * rate / 1e12, 4) for k, rate in throughput.items()}
     return {"matmul_tflops": peak, "gflop_per_train_image": round(per_image / 1e9, 3), "achieved_tflops": achieved}

@@ -31,10 +31,11 @@ from pathlib import Path
 import config
 import console
 import devices
-import engine
 import files
-import run_train
 import resnet
+import run_train
+import stops
+import trainer
 
 SHORT = {"lr": "lr", "weight_decay": "wd", "blocks": "b", "channels": "c", "batch_size": "bs",
          "label_smoothing": "ls", "optimizer": "", "schedule": ""}     # key prefixes in run names
@@ -203,13 +204,15 @@ def main():
         if not indices:
             print(f"grid {args.grid}: shard {args.shard} holds none of its {len(runs)} configs; nothing to run")
             return
+        for i in indices:       # a compile asked for where it cannot run: one error line before any run starts
+            devices.use_compile(runs[i][2], devices.pick_device(runs[i][2]))
         first = runs[indices[0]][2]
         epochs = "epochs varied" if "epochs" in axes else f"{first.epochs} epochs each"
         shard = f" (shard {args.shard})" if args.shard else ""
         print(f"grid {args.grid} | {len(indices)} of {len(runs)} configs{shard} of {' x '.join(axes) or 'one'} | "
               f"{console.device_text(first, devices.pick_device(first))} | {epochs} | "
               f"files {first.out_dir}/, {summary}", flush=True)
-        engine.install_stop_handlers()
+        stops.install_stop_handlers()
         done = {r["run"] for r in read_summary(summary).values() if r["status"] == "done"}
         spent, failed = [], []       # seconds per config done (a finished config's own wall time); failed runs
         for n, i in enumerate(indices):
@@ -219,13 +222,13 @@ def main():
             print(f"== {args.grid} [{i}/{len(runs) - 1}] {name} | config {n + 1} of {len(indices)}{eta}", flush=True)
             t0 = time.time()
             try:
-                s = engine.train(cfg, resume=files.run_paths(cfg)["last"].exists())
+                s = trainer.train(cfg, resume=files.run_paths(cfg)["last"].exists())
                 row = result_row(i, name, varied, cfg, "done", s)
                 spent.append(s["wall_s"])
-            except (engine.Preempted, KeyboardInterrupt) as e:      # a stop signal, or a second Ctrl-C
+            except (stops.Preempted, KeyboardInterrupt) as e:      # a stop signal, or a second Ctrl-C
                 update_summary(summary, result_row(i, name, varied, cfg, "interrupted"), columns)
-                print(e if isinstance(e, engine.Preempted) else engine.STOPPED_AT_ONCE, file=sys.stderr)
-                sys.exit(getattr(e, "status", engine.INTERRUPTED_EXIT))
+                print(e if isinstance(e, stops.Preempted) else stops.STOPPED_AT_ONCE, file=sys.stderr)
+                sys.exit(getattr(e, "status", stops.INTERRUPTED_EXIT))
             except Exception as e:          # any other failure (divergence, out of memory, other settings, a bug)
                 if not isinstance(e, config.UserError):
                     traceback.print_exc()

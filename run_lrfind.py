@@ -24,9 +24,10 @@ import console
 import data
 import devices
 import engine
-import optim
 import files
+import optim
 import run_train
+import stops
 
 
 def lr_sweep(model, cfg, x, y, beta=0.9, log=lambda line: None):
@@ -122,7 +123,7 @@ def main():
         sys.exit(f"error: {e}")
     except KeyboardInterrupt:
         print("interrupted (Ctrl-C): the sweep stopped, no file written", file=sys.stderr)
-        sys.exit(engine.INTERRUPTED_EXIT)
+        sys.exit(stops.INTERRUPTED_EXIT)
     result = {"exp": args.exp, **suggest(rows), "stopped_early": bool(stop), "stop_reason": stop, "iters": len(rows),
               "start": cfg.lrfind_start, "end": cfg.lrfind_end, "smooth": args.smooth, "diverge": cfg.lrfind_diverge,
               "stop_on": cfg.lrfind_stop,

@@ -137,12 +137,135 @@ def save(plt, fig, path):
 
 
 # ----------------------------------------------------------------------------
-# sections
+# sections: each function returns the Markdown lines of one section or of a group of them, headings included
+
+def data_section(out, dataset, fig_dir):
+    md = ["## 1. Data", ""]
+    stats = read_json(out / f"{dataset}.data.json")
+    if not stats:
+        return md + not_run("data statistics", f"python data.py --dataset {dataset} --out {out}")
+    md += table(["split", "images", "per class (min-max)"],
+                [[s, stats[s], "-".join(map(str, stats[f"{s}_per_class"]))] for s in ("train", "val", "test")])
+    md += [f"Training split mean {stats['mean']}, std {stats['std']} (from `{out}/{dataset}.data.json`).", ""]
+    samples = out / Path(stats["samples_png"]).name      # beside the JSON, also once the folder was moved
+    if samples.is_file():
+        md += [f"![augmented training images]({os.path.relpath(samples, fig_dir)})", "",
+               f"*Augmented training images* (from `{samples}`)", ""]
+    return md
+
+
+def baselines_section(out, evals, done, first):
+    md = ["## 2. Baselines", ""]
+    if not done:
+        return md + not_run("baselines", f"python run_eval.py {out}/{first}.ckpt")
+    b = evals[done[0]]["baselines"]
+    md += table(["predictor", f"{evals[done[0]]['split']} accuracy"],
+                [[f"majority class ({b['majority_class']['class']})", pct(b["majority_class"]["acc"])],
+                 ["uniform random", pct(b["uniform_random"]["acc"])]] +
+                [[f"model `{e}` ({tta_name(evals[e])})", pct(evals[e]["acc"])] for e in done])
+    return md + [f"(from `{out}/{done[0]}.eval.json`)", ""]
+
+
+def check_sections(out, summaries, first, figure):
+    """3. Model, 4. First-batch loss (from the runs' JSON summaries) and 5. Overfitting 64 images."""
+    md = ["## 3. Model", ""]
+    rows = [[e, s["config"]["blocks"], s["config"]["channels"], f"{s['params']:,}"] for e, s in summaries.items() if s]
+    md += table(["run", "blocks", "channels", "parameters"], rows) + [f"(from `{out}/<run>.json`)", ""] if rows else \
+        not_run("training", f"python run_train.py --exp {first}")
+    md += ["## 4. First-batch loss", ""]
+    rows = [[e, f"{s['first_batch_loss']:.4f}", f"{math.log(100):.4f}"] for e, s in summaries.items() if s]
+    md += table(["run", "loss of the first batch, before any update", "ln 100"], rows) if rows else \
+        not_run("training", f"python run_train.py --exp {first}")
+    md += ["## 5. Overfitting 64 images", ""]
+    overfit = read_csv(out / "overfit64.csv")
+    if not overfit:
+        return md + not_run("the overfit check", "python run_train.py --exp overfit64")
+    last = overfit[-1]
+    md += [f"After {last['epoch']} epochs on 64 training images without augmentation: training loss "
+           f"{float(last['train_loss']):.4f}, training accuracy {pct(last['train_acc'])} (from `{out}/overfit64.csv`).", ""]
+    return md + figure("overfit64", "overfit64: loss and accuracy", f"{out}/overfit64.csv", plot_curves, overfit,
+                       "overfit64")
+
+
+def search_sections(out, exps, grid, figure):
+    """6. LR finder, each run's LR range test, and 7. Grid search, the grid's runs ranked."""
+    md = ["## 6. LR finder", ""]
+    for e in exps:
+        rows, info = read_csv(out / f"{e}.lrfind.csv"), read_json(out / f"{e}.lrfind.json")
+        if not (rows and info):
+            md += not_run(f"the LR finder for {e}", f"python run_lrfind.py --exp {e}")
+            continue
+        if not info["suggested_lr"]:
+            md += [f"`{e}`: the loss never fell over {info['iters']} steps: widen --start/--end "
+                   f"(from `{out}/{e}.lrfind.json`).", ""]
+        else:
+            lo, hi = info["falling_range"]
+            md += [f"`{e}`: suggested LR (steepest descent) {info['suggested_lr']:.2e}; min-loss LR / 10 "
+                   f"{info['min_div10_lr']:.2e}; loss falls from {lo:.1e} to {hi:.1e} (from `{out}/{e}.lrfind.json`).", ""]
+        md += figure(f"lrfind_{e}", f"LR range test of {e}", f"{out}/{e}.lrfind.csv", plot_lrfind, rows, info)
+    md += ["## 7. Grid search", ""]
+    grid_rows = read_csv(out / f"{grid}.csv") if grid else None
+    if not grid_rows:
+        return md + not_run("a grid", f"python run_grid.py --grid {grid or 'smoke_grid'}")
+    ranked = sorted((r for r in grid_rows if r["best_val_acc"] and r["status"] != "mean"),
+                    key=lambda r: -float(r["best_val_acc"]))
+    md += table(["rank", "run", "best val acc", "epoch", "params", "train s", "status"],
+                [[i + 1, r["run"], pct(r["best_val_acc"]), r["best_epoch"], r["params"], r["train_s"], r["status"]]
+                 for i, r in enumerate(ranked)]) + [f"(from `{out}/{grid}.csv`)", ""]
+    means = [r for r in grid_rows if r["status"] == "mean"]       # a grid over seeds: its configs' spread
+    if means:
+        md += ["The configs that differ only by seed, by mean best validation accuracy (mean ± std over the "
+               "seeds done, n of them):", ""]
+        md += table(["rank", "config", "best val acc", "test acc", "seeds", "mean train s"],
+                    [[i + 1, r["group"], spread(r, "best_val_acc"), spread(r, "test_acc"), r["seed"], r["train_s"]]
+                     for i, r in enumerate(means)]) + [f"(from `{out}/{grid}.csv`)", ""]
+    return md + figure(f"grid_{grid}", f"grid {grid} ranked", f"{out}/{grid}.csv", plot_grid, ranked, grid)
+
+
+def training_sections(out, exps, compare, figure):
+    """8. Training, each run's epoch log, and 9. Comparisons, the validation curves of compare (else of exps)."""
+    md = ["## 8. Training", ""]
+    for e, rows in {e: read_csv(out / f"{e}.csv") for e in exps}.items():
+        if not rows:
+            md += not_run(f"training of {e}", f"python run_train.py --exp {e}")
+            continue
+        best = max(validated(rows), key=lambda r: float(r["val_acc"]), default=None)
+        val = f"best validation accuracy {pct(best['val_acc'])} at epoch {best['epoch']}" if best else "none validated yet"
+        md += [f"`{e}`: {len(rows)} epochs, {val}, "
+               f"final training loss {float(rows[-1]['train_loss']):.4f}, {float(rows[-1]['elapsed_s']):.1f} s in all "
+               f"(from `{out}/{e}.csv`).", ""]
+        md += figure(f"curves_{e}", f"{e}: loss and accuracy", f"{out}/{e}.csv", plot_curves, rows, e)
+    md += ["## 9. Comparisons", ""]
+    runs = {n: validated(read_csv(out / f"{n}.csv") or []) for n in compare or (exps if len(exps) > 1 else [])}
+    runs = {n: r for n, r in runs.items() if r}
+    if len(runs) < 2:
+        return md + not_run("two runs to compare", "python run_report.py --exp A B --compare A,B")
+    md += table(["run", "best val acc", "final val loss"],
+                [[n, pct(max(float(x["val_acc"]) for x in r)), f"{float(r[-1]['val_loss']):.4f}"] for n, r in runs.items()])
+    return md + figure("compare", f"validation curves of {', '.join(runs)}", ", ".join(f"{out}/{n}.csv" for n in runs),
+                       plot_compare, runs)
+
+
+def test_section(out, evals, done, first):
+    rows = [[e, pct(evals[e]["acc"]), pct_or_dash(evals[e].get("acc_plain")), pct_or_dash(evals[e].get("acc_tta")),
+             pct(evals[e]["top5"]), f"{evals[e]['loss']:.4f}", tta_name(evals[e]), evals[e]["epoch"]] for e in done]
+    return ["## 10. Test", ""] + (table(["run", "test top-1", "top-1 without TTA", "top-1 with TTA", "test top-5",
+                                         "test loss", "top-1, top-5 and loss", "epoch"], rows) +
+                                  [f"(from `{out}/<run>.eval.json`)", ""] if rows else
+                                  not_run("the test evaluation", f"python run_eval.py {out}/{first}.ckpt"))
+
 
 def build(out, exps, grid, compare, report_path):
     """The report's Markdown lines, in the report's order; figures are written beside report_path."""
     plt = pyplot()
-    fig_dir, stem = report_path.parent, report_path.stem
+
+    def figure(name, caption, source, draw, *args):     # draws <stem>_<name>.png; the lines showing it, [] without plt
+        if plt is None:
+            return []
+        path = report_path.parent / f"{report_path.stem}_{name}.png"
+        draw(plt, *args, path)
+        return [f"![{caption}]({path.name})", "", f"*{caption}* (from `{source}`)", ""]
+
     summaries = {e: read_json(out / f"{e}.json") for e in exps}
     first = exps[0]
     dataset = (summaries[first] or {}).get("config", {}).get("dataset", "cifar100")
@@ -150,125 +273,14 @@ def build(out, exps, grid, compare, report_path):
           f"Written by `run_report.py` from the files in `{out}/`; every figure names the file it came from.", ""]
     if plt is None:
         md += ["Figures are left out: matplotlib is not installed (`pip install matplotlib`, then run this again).", ""]
-
-    def figure(name, caption, source, draw, *args):
-        if plt is not None:
-            path = fig_dir / f"{stem}_{name}.png"
-            draw(plt, *args, path)
-            md.extend([f"![{caption}]({path.name})", "", f"*{caption}* (from `{source}`)", ""])
-
-    md += ["## 1. Data", ""]
-    stats = read_json(out / f"{dataset}.data.json")
-    if stats:
-        md += table(["split", "images", "per class (min-max)"],
-                    [[s, stats[s], "-".join(map(str, stats[f"{s}_per_class"]))] for s in ("train", "val", "test")])
-        md += [f"Training split mean {stats['mean']}, std {stats['std']} (from `{out}/{dataset}.data.json`).", ""]
-        samples = out / Path(stats["samples_png"]).name      # beside the JSON, also once the folder was moved
-        if samples.is_file():
-            md += [f"![augmented training images]({os.path.relpath(samples, fig_dir)})", "",
-                   f"*Augmented training images* (from `{samples}`)", ""]
-    else:
-        md += not_run("data statistics", f"python data.py --dataset {dataset} --out {out}")
-
-    md += ["## 2. Baselines", ""]
+    md += data_section(out, dataset, report_path.parent)
     evals = {e: read_json(out / f"{e}.eval.json") for e in exps}
     done = [e for e in exps if evals[e]]
-    if done:
-        b = evals[done[0]]["baselines"]
-        md += table(["predictor", f"{evals[done[0]]['split']} accuracy"],
-                    [[f"majority class ({b['majority_class']['class']})", pct(b["majority_class"]["acc"])],
-                     ["uniform random", pct(b["uniform_random"]["acc"])]] +
-                    [[f"model `{e}` ({tta_name(evals[e])})", pct(evals[e]["acc"])] for e in done])
-        md += [f"(from `{out}/{done[0]}.eval.json`)", ""]
-    else:
-        md += not_run("baselines", f"python run_eval.py {out}/{first}.ckpt")
-
-    md += ["## 3. Model", ""]
-    rows = [[e, s["config"]["blocks"], s["config"]["channels"], f"{s['params']:,}"] for e, s in summaries.items() if s]
-    md += table(["run", "blocks", "channels", "parameters"], rows) + [f"(from `{out}/<run>.json`)", ""] if rows else \
-        not_run("training", f"python run_train.py --exp {first}")
-
-    md += ["## 4. First-batch loss", ""]
-    rows = [[e, f"{s['first_batch_loss']:.4f}", f"{math.log(100):.4f}"] for e, s in summaries.items() if s]
-    md += table(["run", "loss of the first batch, before any update", "ln 100"], rows) if rows else \
-        not_run("training", f"python run_train.py --exp {first}")
-
-    md += ["## 5. Overfitting 64 images", ""]
-    overfit = read_csv(out / "overfit64.csv")
-    if overfit:
-        last = overfit[-1]
-        md += [f"After {last['epoch']} epochs on 64 training images without augmentation: training loss "
-               f"{float(last['train_loss']):.4f}, training accuracy {pct(last['train_acc'])} (from `{out}/overfit64.csv`).", ""]
-        figure("overfit64", "overfit64: loss and accuracy", f"{out}/overfit64.csv", plot_curves, overfit, "overfit64")
-    else:
-        md += not_run("the overfit check", "python run_train.py --exp overfit64")
-
-    md += ["## 6. LR finder", ""]
-    for e in exps:
-        rows, info = read_csv(out / f"{e}.lrfind.csv"), read_json(out / f"{e}.lrfind.json")
-        if rows and info and not info["suggested_lr"]:
-            md += [f"`{e}`: the loss never fell over {info['iters']} steps: widen --start/--end "
-                   f"(from `{out}/{e}.lrfind.json`).", ""]
-        elif rows and info:
-            lo, hi = info["falling_range"]
-            md += [f"`{e}`: suggested LR (steepest descent) {info['suggested_lr']:.2e}; min-loss LR / 10 "
-                   f"{info['min_div10_lr']:.2e}; loss falls from {lo:.1e} to {hi:.1e} (from `{out}/{e}.lrfind.json`).", ""]
-        if rows and info:
-            figure(f"lrfind_{e}", f"LR range test of {e}", f"{out}/{e}.lrfind.csv", plot_lrfind, rows, info)
-        else:
-            md += not_run(f"the LR finder for {e}", f"python run_lrfind.py --exp {e}")
-
-    md += ["## 7. Grid search", ""]
-    grid_rows = read_csv(out / f"{grid}.csv") if grid else None
-    if grid_rows:
-        ranked = sorted((r for r in grid_rows if r["best_val_acc"] and r["status"] != "mean"),
-                        key=lambda r: -float(r["best_val_acc"]))
-        md += table(["rank", "run", "best val acc", "epoch", "params", "train s", "status"],
-                    [[i + 1, r["run"], pct(r["best_val_acc"]), r["best_epoch"], r["params"], r["train_s"], r["status"]]
-                     for i, r in enumerate(ranked)]) + [f"(from `{out}/{grid}.csv`)", ""]
-        means = [r for r in grid_rows if r["status"] == "mean"]       # a grid over seeds: its configs' spread
-        if means:
-            md += ["The configs that differ only by seed, by mean best validation accuracy (mean ± std over the "
-                   "seeds done, n of them):", ""]
-            md += table(["rank", "config", "best val acc", "test acc", "seeds", "mean train s"],
-                        [[i + 1, r["group"], spread(r, "best_val_acc"), spread(r, "test_acc"), r["seed"], r["train_s"]]
-                         for i, r in enumerate(means)]) + [f"(from `{out}/{grid}.csv`)", ""]
-        figure(f"grid_{grid}", f"grid {grid} ranked", f"{out}/{grid}.csv", plot_grid, ranked, grid)
-    else:
-        md += not_run("a grid", f"python run_grid.py --grid {grid or 'smoke_grid'}")
-
-    md += ["## 8. Training", ""]
-    logs = {e: read_csv(out / f"{e}.csv") for e in exps}
-    for e, rows in logs.items():
-        if rows:
-            best = max(validated(rows), key=lambda r: float(r["val_acc"]), default=None)
-            val = f"best validation accuracy {pct(best['val_acc'])} at epoch {best['epoch']}" if best else "none validated yet"
-            md += [f"`{e}`: {len(rows)} epochs, {val}, "
-                   f"final training loss {float(rows[-1]['train_loss']):.4f}, {float(rows[-1]['elapsed_s']):.1f} s in all "
-                   f"(from `{out}/{e}.csv`).", ""]
-            figure(f"curves_{e}", f"{e}: loss and accuracy", f"{out}/{e}.csv", plot_curves, rows, e)
-        else:
-            md += not_run(f"training of {e}", f"python run_train.py --exp {e}")
-
-    md += ["## 9. Comparisons", ""]
-    names = compare or (exps if len(exps) > 1 else [])
-    runs = {n: validated(read_csv(out / f"{n}.csv") or []) for n in names}
-    if len([r for r in runs.values() if r]) >= 2:
-        runs = {n: r for n, r in runs.items() if r}
-        md += table(["run", "best val acc", "final val loss"],
-                    [[n, pct(max(float(x["val_acc"]) for x in r)), f"{float(r[-1]['val_loss']):.4f}"] for n, r in runs.items()])
-        figure("compare", f"validation curves of {', '.join(runs)}", ", ".join(f"{out}/{n}.csv" for n in runs),
-               plot_compare, runs)
-    else:
-        md += not_run("two runs to compare", "python run_report.py --exp A B --compare A,B")
-
-    md += ["## 10. Test", ""]
-    rows = [[e, pct(evals[e]["acc"]), pct_or_dash(evals[e].get("acc_plain")), pct_or_dash(evals[e].get("acc_tta")),
-             pct(evals[e]["top5"]), f"{evals[e]['loss']:.4f}", tta_name(evals[e]), evals[e]["epoch"]] for e in done]
-    md += table(["run", "test top-1", "top-1 without TTA", "top-1 with TTA", "test top-5", "test loss",
-                 "top-1, top-5 and loss", "epoch"], rows) + \
-        [f"(from `{out}/<run>.eval.json`)", ""] if rows else not_run("the test evaluation", f"python run_eval.py {out}/{first}.ckpt")
-    return md
+    md += baselines_section(out, evals, done, first)
+    md += check_sections(out, summaries, first, figure)
+    md += search_sections(out, exps, grid, figure)
+    md += training_sections(out, exps, compare, figure)
+    return md + test_section(out, evals, done, first)
 
 
 def main(argv=None):

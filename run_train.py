@@ -10,7 +10,8 @@ import sys
 
 import config
 import console
-import engine
+import stops
+import trainer
 
 
 def get_args_parser(add_help=True):
@@ -23,7 +24,7 @@ def get_args_parser(add_help=True):
     p.add_argument("--data-dir", help="folder holding cifar-100-python/ (default: $CIFAR100_ROOT or ./data)")
     p.add_argument("--out", dest="out_dir", help="output folder (default: out)")
     p.add_argument("--device", choices=config.CHOICES["device"], help="default auto: cuda, xpu or mps where there, else cpu")
-    p.add_argument("--compile", action="store_const", const="on", help="force torch.compile (default: on CUDA only)")
+    p.add_argument("--compile", action="store_const", const="on", help="torch.compile, or one error line where it cannot run (default auto: where it can)")
     p.add_argument("--no-compile", dest="compile", action="store_const", const="off", help="never torch.compile")
     p.add_argument("--seed", type=int, help="training seed (never changes the 45k/5k split)")
     p.add_argument("--deterministic", action="store_const", const=True, help="deterministic kernels (slower)")
@@ -47,18 +48,18 @@ def main():
     p.add_argument("--experiments", default=config.EXPERIMENTS_FILE, metavar="FILE",
                    help="the experiments file to read --exp from (default: experiments.json beside this script)")
     args = p.parse_args()
-    engine.install_stop_handlers()      # from here Ctrl-C, SIGTERM and SIGUSR1 ask for a stop (last.ckpt saved)
+    stops.install_stop_handlers()      # from here Ctrl-C, SIGTERM and SIGUSR1 ask for a stop (last.ckpt saved)
     try:
         cfg = config.resolve(args.exp, overrides(args), args.experiments)
-        s = engine.train(cfg, resume=args.resume)
+        s = trainer.train(cfg, resume=args.resume)
     except config.UserError as e:
         sys.exit(f"error: {e}")
-    except engine.Preempted as e:
+    except stops.Preempted as e:
         print(e, file=sys.stderr)
         sys.exit(e.status)
     except KeyboardInterrupt:           # a second Ctrl-C
-        print(engine.STOPPED_AT_ONCE, file=sys.stderr)
-        sys.exit(engine.INTERRUPTED_EXIT)
+        print(stops.STOPPED_AT_ONCE, file=sys.stderr)
+        sys.exit(stops.INTERRUPTED_EXIT)
     print(console.done_line(s))
     print("files: " + " ".join(s["files"]))
 

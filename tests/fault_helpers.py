@@ -9,7 +9,8 @@ import pytest
 
 import config
 import data
-import engine
+import stops
+import trainer
 
 REPO = Path(__file__).resolve().parent.parent
 # a tiny run on the CPU (bit-identical reruns): 256 training images, batches of 32 -> 8 steps per epoch
@@ -32,7 +33,7 @@ def small(out, data_dir, *sets, epochs=1):
 
 
 def quiet(cfg, resume=False):
-    return engine.train(cfg, resume=resume, log=lambda line: None)
+    return trainer.train(cfg, resume=resume, log=lambda line: None)
 
 
 def popen(*args):
@@ -57,7 +58,7 @@ def assert_one_error_line(proc):
 def main_error(module, argv, monkeypatch, capsys):
     """Run module.main() in-process with argv; return its error line, asserting nothing else reached stderr."""
     monkeypatch.setattr(sys, "argv", [f"{module.__name__}.py", *map(str, argv)])
-    monkeypatch.setattr(engine, "install_stop_handlers", lambda: None)    # keep pytest's own signal handlers
+    monkeypatch.setattr(stops, "install_stop_handlers", lambda: None)    # keep pytest's own signal handlers
     with pytest.raises(SystemExit) as e:
         module.main()
     message = e.value.code

@@ -7,6 +7,7 @@ import config
 import data
 import engine
 import run_train
+import trainer
 from config import Config
 from fault_helpers import main_error
 from resnet import ResNet
@@ -115,7 +116,7 @@ def test_a_run_with_mixup_cutmix_and_trivialaugment_trains_on_soft_targets(tmp_p
         targets.append(y.shape)
         return real_step(model, opt, x, y, cfg, lr, *precision_and_scaler)
     monkeypatch.setattr(engine, "train_step", step)
-    summary = engine.train(cfg, log=lambda line: None)
+    summary = trainer.train(cfg, log=lambda line: None)
     assert summary["best_val_acc"] > 0.02 and summary["status"] == "finished"
     assert targets == [(64, 100)] * 16
 

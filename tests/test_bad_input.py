@@ -13,11 +13,12 @@ from torch._inductor.exc import InductorError
 import config
 import data
 import devices
-import engine
 import files
 import run_eval
 import run_lrfind
 import run_train
+import stops
+import trainer
 from fault_helpers import ENV, REPO, SMALL, assert_one_error_line, main_error, run, snapshot
 from resnet import ResNet
 
@@ -31,11 +32,11 @@ def interrupted(tmp_path_factory):
     pairs = [("subset", 256), ("batch_size", 32), ("epochs", 2), ("device", "cpu"), ("dataset", "cifar100"),
              ("download", False), ("data_dir", str(base / "cifar")), ("out_dir", str(base / "out"))]
     try:
-        with pytest.raises(engine.Preempted):
-            engine.train(config.resolve("smoke", pairs),
-                         log=lambda line: line.startswith("ep 1/") and engine.stop_requested.append(signal.SIGUSR1))
+        with pytest.raises(stops.Preempted):
+            trainer.train(config.resolve("smoke", pairs),
+                         log=lambda line: line.startswith("ep 1/") and stops.stop_requested.append(signal.SIGUSR1))
     finally:
-        engine.stop_requested.clear()
+        stops.stop_requested.clear()
     return base
 
 
@@ -68,7 +69,7 @@ def refused(module, argv, folder, monkeypatch, capsys):
     (["--set", "seed=2.5"], "config key 'seed' must be int, got float 2.5"),
     (["--set", "augment=yes"], "config key 'augment' must be bool"),
     (["--set", "blocks=[1,x]"], "config key 'blocks' must be a non-empty list of integers"),
-    (["--set", "optimizer=adm"], "config key 'optimizer' must be one of sgd, adam, adamw, got 'adm'"),
+    (["--set", "optimizer=adm"], "config key 'optimizer' must be one of sgd, adam, adamw, muon, got 'adm'"),
     (["--set", "lr=-0.1"], "config key 'lr' must be > 0, got -0.1"),
     (["--set", "lr=NaN"], "config key 'lr' must be a finite number"),
     (["--epochs", "0"], "config key 'epochs' must be > 0, got 0"),

@@ -12,6 +12,8 @@ import config
 import console
 import engine
 import run_train
+import stops
+import trainer
 from fault_helpers import SMALL, csv_rows, main_error, quiet, small, snapshot, synthetic_data
 
 
@@ -35,7 +37,7 @@ def test_budget_line_says_minutes_when_whole_else_seconds():
 def test_a_budgeted_run_takes_its_epochs_from_the_measured_speed(data_dir, tmp_path, monkeypatch):
     measured_at(monkeypatch, 1000.0)        # 0.95 x 0.6 s x 1000 img/s / 256 images = 2.2 -> 2 epochs
     lines = []
-    s = engine.train(small(tmp_path, data_dir, ("budget_s", 0.6), epochs=7), log=lines.append)
+    s = trainer.train(small(tmp_path, data_dir, ("budget_s", 0.6), epochs=7), log=lines.append)
     assert lines[0] == "budget 0.6 s: 2 epochs at 1,000 img/s"
     assert "2 epochs x 8 steps" in lines[1]
     assert len(csv_rows(tmp_path / "smoke.csv")) == 2
@@ -64,12 +66,12 @@ def test_the_speed_is_timed_for_a_fortieth_of_the_budget(data_dir, tmp_path):
 def test_resume_keeps_the_chosen_epochs_and_does_not_measure_again(data_dir, tmp_path, monkeypatch):
     measured_at(monkeypatch, 1000.0)        # 3 epochs of 256 images in 0.9 s
     cfg = small(tmp_path, data_dir, ("budget_s", 0.9))
-    monkeypatch.setattr(engine, "stop_requested", [])
-    with pytest.raises(engine.Preempted):
-        engine.train(cfg, log=lambda line: line.startswith("ep 1/") and engine.stop_requested.append(signal.SIGUSR1))
-    monkeypatch.setattr(engine, "stop_requested", [])
+    monkeypatch.setattr(stops, "stop_requested", [])
+    with pytest.raises(stops.Preempted):
+        trainer.train(cfg, log=lambda line: line.startswith("ep 1/") and stops.stop_requested.append(signal.SIGUSR1))
+    monkeypatch.setattr(stops, "stop_requested", [])
     calls, lines = measured_at(monkeypatch, 1.0), []
-    s = engine.train(cfg, resume=True, log=lines.append)
+    s = trainer.train(cfg, resume=True, log=lines.append)
     assert calls == [] and lines[0] == "budget 0.9 s: 3 epochs at 1,000 img/s"
     assert [r["epoch"] for r in csv_rows(tmp_path / "smoke.csv")] == ["1", "2", "3"]
     assert (s["config"]["epochs"], s["budget_epochs"], s["budget_img_per_s"]) == (3, 3, 1000.0)

@@ -8,7 +8,8 @@ import torch
 
 import config
 import console
-import engine
+import stops
+import trainer
 from fault_helpers import synthetic_data
 from resnet import ResNet
 
@@ -23,7 +24,7 @@ def train_lines(out, data_dir, *sets, resume=False):
     lines = []
     pairs = [("subset", 256), ("batch_size", 32), ("epochs", 1), ("device", "cpu"), ("data_dir", str(data_dir)),
              ("out_dir", str(out)), *sets]
-    engine.train(config.resolve("smoke", pairs), resume=resume, log=lines.append)
+    trainer.train(config.resolve("smoke", pairs), resume=resume, log=lines.append)
     return lines
 
 
@@ -55,12 +56,12 @@ def test_first_line_names_a_patch_stem_and_bf16_on_cpu(data_dir, tmp_path):
 
 
 def test_resumed_run_says_from_where_on_its_first_line(data_dir, tmp_path):
-    engine.stop_requested.append("test")          # stops after the first step
+    stops.stop_requested.append("test")          # stops after the first step
     try:
-        with pytest.raises(engine.Preempted):
+        with pytest.raises(stops.Preempted):
             train_lines(tmp_path, data_dir)
     finally:
-        engine.stop_requested.clear()
+        stops.stop_requested.clear()
     lines = train_lines(tmp_path, data_dir, resume=True)
     assert lines[0].startswith(f"resuming smoke at epoch 1 step 1 from {tmp_path / 'smoke.last.ckpt'} | ResNet")
 

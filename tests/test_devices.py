@@ -1,28 +1,38 @@
 """Where it runs (devices.py): the precision and compile auto picks per GPU capability and CPU, fp16 with its
 GradScaler (skipped steps, resume), devices asked for but absent, threads, and a simulated Windows."""
+import ast
 import json
+import logging
 import math
 import os
+import re
+import shutil
 import signal
 import subprocess
 import sys
 
 import pytest
 import torch
+import torch.utils._triton
 
 import config
 import console
 import devices
 import engine
 import files
+import hardware
 import run_lrfind
 import run_train
+import stops
+import trainer
 from fault_helpers import ENV, REPO, SMALL, csv_rows, main_error, popen, results, run, synthetic_data
+from resnet import ResNet
 
 CPU = torch.device("cpu")
-# fp16 on a CPU without AVX512-FP16 is about 5x slower than fp32: a smaller run (4 steps an epoch, 3 epochs)
+# fp16 on a CPU without AVX512-FP16 is about 5x slower than fp32: a smaller run (4 steps an epoch, 3 epochs), eager
+# (these tests count its steps, and compile's warm-up would be one more)
 FP16 = {"subset": 128, "batch_size": 32, "channels": [8, 16], "stem_stride": 2, "epochs": 3, "precision": "fp16",
-        "device": "cpu"}
+        "device": "cpu", "compile": "off"}
 
 
 @pytest.fixture(scope="module")
@@ -30,15 +40,18 @@ def data_dir(tmp_path_factory):
     return synthetic_data(tmp_path_factory.mktemp("data"))
 
 
-def cuda_gpu(monkeypatch, capability, name="Tesla T4"):
+def cuda_gpu(monkeypatch, capability, name="Tesla T4", triton=True):
+    """A CUDA GPU of this capability, where Triton works or not (torch.utils._triton.has_triton)."""
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
+    monkeypatch.setattr(torch.utils._triton, "has_triton", lambda: triton)
 
 
 def cpu_with(monkeypatch, level, amx=False, avx512_bf16=False, onednn_bf16=True, matmul_tflops=(0.29, 1.81)):
     """A CPU as torch would see it: the level its kernels run at, its bf16 units, whether oneDNN runs bf16, and its
-    (fp32, bf16) matrix products' TFLOP/s (by default the AMX Xeon's)."""
-    monkeypatch.setattr(devices, "cpu_matmul_tflops", lambda: matmul_tflops)
+    (fp32, bf16) matrix products' TFLOP/s (by default the AMX Xeon's); a working C++ compiler beside it."""
+    monkeypatch.setattr(hardware, "cpp_compiler_problem", lambda: "")
+    monkeypatch.setattr(hardware, "cpu_matmul_tflops", lambda threads: matmul_tflops)
     monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: level)
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
@@ -75,9 +88,72 @@ def test_bf16_asked_for_below_capability_8_0_runs_eager_and_says_it_is_slow(monk
     assert choice(torch.device("cuda"), precision="bf16", compile="on") == ("bf16", True, False)
 
 
+@pytest.fixture
+def compiler_check():
+    """The C++ compiler check asked afresh, and again after the test (it is asked once per process)."""
+    hardware.cpp_compiler_problem.cache_clear()
+    yield
+    hardware.cpp_compiler_problem.cache_clear()
+
+
+def test_auto_on_cuda_without_triton_runs_eager_and_says_why_and_compile_on_there_is_one_error_line(monkeypatch):
+    cuda_gpu(monkeypatch, (8, 0), triton=False)
+    assert devices.pick_compile(config.Config(), torch.device("cuda")) == \
+        (False, "no compile: no working Triton here (pip install triton)")
+    for capability, triton in [((8, 0), False), ((6, 0), True)]:
+        cuda_gpu(monkeypatch, capability, triton=triton)
+        with pytest.raises(config.UserError, match=r"^torch.compile failed its check here \((no working Triton|"
+                                                   r"Triton needs capability 7.0).*\), and compile on was asked for: "
+                                                   r"run eager with --no-compile$"):
+            devices.use_compile(config.Config(compile="on"), torch.device("cuda"))
+
+
+@pytest.mark.parametrize("kind", ["mps", "xpu"])
+def test_auto_runs_eager_on_an_apple_or_intel_gpu_and_says_why_and_compile_on_there_is_one_error_line(kind):
+    device = torch.device(kind)
+    assert devices.pick_compile(config.Config(), device) == (False, f"no compile: not yet run by us on {kind}")
+    with pytest.raises(config.UserError, match=f"not yet run by us on {kind}.*--no-compile$"):
+        devices.use_compile(config.Config(compile="reduce-overhead"), device)
+
+
+@pytest.mark.skipif(not (shutil.which("g++") or shutil.which("clang++")), reason="needs a C++ compiler")
+def test_auto_compiles_on_a_cpu_whose_cpp_compiler_builds_against_pythons_headers_asked_once(compiler_check,
+                                                                                              monkeypatch):
+    assert devices.pick_compile(config.Config(), CPU) == (True, "compile on")
+    assert "fp32 as set, compile on)" in console.device_text(config.Config(precision="fp32"), CPU)
+    assert devices.pick_compile(config.resolve("cpu5"), CPU) == (True, "compile on")    # the recipes leave it to auto
+    monkeypatch.setattr(hardware.subprocess, "run", lambda *args, **kwargs: pytest.fail("asked twice"))
+    assert devices.use_compile(config.resolve("cpu"), CPU)
+
+
+def test_a_cpu_without_a_working_cpp_compiler_runs_eager_and_says_why_and_compile_on_is_one_error_line(
+        compiler_check, tmp_path):
+    with torch._inductor.config.patch({"cpp.cxx": (str(tmp_path / "no-such-g++"),)}):    # as CXX=... would
+        compile, why = devices.pick_compile(config.Config(), CPU)
+    assert not compile and why.startswith("no compile: No working C++ compiler found") and "no-such-g++" in why
+    assert why in console.device_text(config.Config(precision="fp32"), CPU)
+    with pytest.raises(config.UserError, match=r"^torch.compile failed its check here \(No working C\+\+ compiler "
+                                               r".*no-such-g\+\+.*\), and compile on was asked for: run eager with "
+                                               r"--no-compile$"):
+        devices.use_compile(config.Config(compile="on"), CPU)
+
+
+@pytest.mark.skipif(not (shutil.which("g++") or shutil.which("clang++")), reason="needs a C++ compiler")
+def test_a_python_without_its_headers_runs_eager_on_a_cpu_and_says_why(compiler_check, monkeypatch, tmp_path):
+    """A system Python without its -dev package: Inductor's CPU kernels include <Python.h>."""
+    monkeypatch.setattr(hardware.sysconfig, "get_path", lambda name: str(tmp_path))
+    compile, why = devices.pick_compile(config.Config(), CPU)
+    assert not compile and re.fullmatch(r"no compile: \S+ cannot build against Python's headers \(.*Python\.h.*\)", why)
+
+
+def test_no_recipe_forces_compile_past_autos_checks():
+    recipes = config.read_experiments()["experiments"]
+    assert not [name for name, recipe in recipes.items() if recipe.get("compile", "auto") not in ("auto", "off")]
+
+
 def test_auto_on_a_cpu_is_bf16_only_where_torch_runs_it_natively_and_faster_than_fp32(monkeypatch):
     cpu_with(monkeypatch, "AVX512", amx=True, avx512_bf16=True)            # Sapphire Rapids and later
-    assert choice(CPU) == ("bf16", False, False)
+    assert choice(CPU) == ("bf16", True, False)
     assert "auto bf16: AVX512 CPU with AMX and AVX512-BF16, bf16 matrix product 1.81 TFLOP/s, fp32 0.29" in \
         console.device_text(config.resolve("cpu"), CPU)
     cpu_with(monkeypatch, "AVX512", avx512_bf16=True, matmul_tflops=(0.15, 0.38))     # Zen 4
@@ -102,20 +178,63 @@ def test_auto_on_a_cpu_is_bf16_only_where_torch_runs_it_natively_and_faster_than
     assert "torch runs this CPU at AVX2 (ATEN_CPU_CAPABILITY=avx2), without its AMX and AVX512-BF16" in \
         console.device_text(config.Config(), CPU)
     assert "bf16 as set, slow: " in console.device_text(config.Config(precision="bf16"), CPU)
-    assert choice(CPU, precision="fp16") == ("fp16", False, True)
+    assert choice(CPU, precision="fp16") == ("fp16", True, True)
 
 
 def test_fp32_or_fp16_as_set_times_no_matrix_products(monkeypatch):
     cpu_with(monkeypatch, "AVX512", avx512_bf16=True)
-    monkeypatch.setattr(devices, "cpu_matmul_tflops", lambda: pytest.fail("timed the matrix products"))
-    assert choice(CPU, precision="fp32") == ("fp32", False, False)
-    assert choice(CPU, precision="fp16") == ("fp16", False, True)
+    monkeypatch.setattr(hardware, "cpu_matmul_tflops", lambda threads: pytest.fail("timed the matrix products"))
+    assert choice(CPU, precision="fp32") == ("fp32", True, False)
+    assert choice(CPU, precision="fp16") == ("fp16", True, True)
 
 
-def test_the_cpus_matrix_products_are_measured_once_per_process():
-    devices.cpu_matmul_tflops.cache_clear()
-    fp32, bf16 = first = devices.cpu_matmul_tflops()
-    assert fp32 > 0 and bf16 > 0 and devices.cpu_matmul_tflops() is first
+def test_the_cpus_matrix_products_are_measured_once_per_process_and_thread_count():
+    hardware.cpu_matmul_tflops.cache_clear()
+    before = torch.get_num_threads()
+    fp32, bf16 = first = hardware.cpu_matmul_tflops(1)
+    assert fp32 > 0 and bf16 > 0 and hardware.cpu_matmul_tflops(1) is first and torch.get_num_threads() == before
+
+
+def test_devices_imports_nothing_of_roofline_which_imports_it():
+    tree = ast.parse((REPO / "devices.py").read_text())
+    imported = {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
+    assert "roofline" not in imported | {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
+
+
+def test_fp16_as_set_on_a_cpu_says_it_is_emulated_and_slow_unless_the_cpu_has_fp16_units(monkeypatch):
+    monkeypatch.setattr(torch.cpu, "_is_amx_fp16_supported", lambda: False)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_fp16_supported", lambda: False, raising=False)   # where torch has it
+    assert devices.pick_precision(config.Config(precision="fp16"), CPU) == \
+        ("fp16", "fp16 + GradScaler as set, slow: emulated on a CPU without AVX512-FP16 or AMX-FP16")
+    monkeypatch.setattr(torch.cpu, "_is_amx_fp16_supported", lambda: True)          # Granite Rapids
+    assert devices.pick_precision(config.Config(precision="fp16"), CPU) == ("fp16", "fp16 + GradScaler as set")
+    assert devices.pick_precision(config.Config(precision="fp16"), torch.device("cuda"))[1] == \
+        "fp16 + GradScaler as set"
+
+
+def test_compiling_for_a_cpu_keeps_torchs_cuda_home_warning_off_the_console(monkeypatch):
+    """torch's C++ builder logs 'No CUDA runtime is found, using CUDA_HOME=...' as it loads: a CPU user's first line."""
+    logger = logging.getLogger("torch.utils.cpp_extension")
+    before = logger.level
+    monkeypatch.setattr(torch, "compile", lambda model, **kwargs: model)
+    with torch._dynamo.config.patch(recompile_limit=8):      # not monkeypatch: its undo deletes a torch config option
+        try:
+            logger.setLevel(logging.NOTSET)
+            devices.compile_model(ResNet([1], [4]).to("meta"), config.Config())      # not a CPU: its warnings stay
+            assert logger.level == logging.NOTSET
+            devices.compile_model(ResNet([1], [4]), config.Config())
+            assert logger.isEnabledFor(logging.ERROR) and not logger.isEnabledFor(logging.WARNING)
+        finally:
+            logger.setLevel(before)
+
+
+def test_requirements_floor_is_the_torch_the_tests_ran_on_and_claims_no_device_unmeasured():
+    text = (REPO / "requirements.txt").read_text()
+    floors = dict(re.findall(r"^(torch|torchvision)>=(\d+\.\d+)$", text, re.MULTILINE))
+    assert floors == {"torch": "2.14", "torchvision": "0.29"}
+    import torchvision
+    installed = [tuple(map(int, re.findall(r"\d+", v)[:2])) for v in (torch.__version__, torchvision.__version__)]
+    assert installed >= [(2, 14), (0, 29)] and "CUDA, MPS and XPU are not yet measured" in " ".join(text.split())
 
 
 def test_the_cpu_recipe_is_fp32_on_a_cpu_held_to_avx2_and_leaves_precision_to_auto():
@@ -149,13 +268,23 @@ def test_auto_takes_an_intel_or_apple_gpu_where_there_is_one_with_a_precision_it
     monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)
     mps = devices.pick_device(config.Config())
     assert mps == torch.device("mps") and choice(mps) == ("fp32", False, False)
-    assert console.device_text(config.Config(), mps) == "mps (auto fp32: autocast on MPS is not yet run by us)"
+    assert console.device_text(config.Config(), mps) == \
+        "mps (auto fp32: autocast on MPS is not yet run by us, no compile: not yet run by us on mps)"
     monkeypatch.setattr(torch.xpu, "is_available", lambda: True)
-    monkeypatch.setattr(torch.xpu, "is_bf16_supported", lambda: True)
+    monkeypatch.setattr(torch.xpu, "is_bf16_supported", lambda including_emulation=True: True)
     monkeypatch.setattr(torch.xpu, "get_device_name", lambda device=None: "Intel Arc A770")
     xpu = devices.pick_device(config.Config())
     assert xpu == torch.device("xpu") and choice(xpu) == ("bf16", False, False)
     assert console.device_text(config.Config(), xpu).startswith("xpu (Intel Arc A770, auto bf16: ")
+
+
+def test_an_intel_gpu_whose_bf16_is_emulated_runs_fp32(monkeypatch):
+    xpu = torch.device("xpu")
+    monkeypatch.setattr(torch.xpu, "is_bf16_supported", lambda including_emulation=True: including_emulation)
+    assert devices.pick_precision(config.Config(), xpu) == ("fp32", "auto fp32: torch.xpu: bf16 only emulated")
+    monkeypatch.setattr(torch.xpu, "is_bf16_supported", lambda: True)      # torch before 2.8: True for every XPU
+    precision, why = devices.pick_precision(config.Config(), xpu)
+    assert precision == "fp32" and why.endswith("cannot tell native bf16 on XPU from emulated")
 
 
 @pytest.mark.parametrize("device", ["mps", "xpu", "cuda"])
@@ -171,7 +300,52 @@ def test_a_device_asked_for_but_absent_is_one_error_line_naming_what_there_is(mo
 # ----------------------------------------------------------------------------
 # 3. threads
 
-def test_threads_are_the_key_else_omp_num_threads_else_the_cpus_this_process_may_run_on(monkeypatch):
+def cpu_topology(root, cores):
+    """A sysfs cpu folder under root in which logical CPU i sits on (package, core) cores[i]."""
+    for cpu, (package, core) in enumerate(cores):
+        (root / f"cpu{cpu}" / "topology").mkdir(parents=True)
+        (root / f"cpu{cpu}" / "topology" / "physical_package_id").write_text(f"{package}\n")
+        (root / f"cpu{cpu}" / "topology" / "core_id").write_text(f"{core}\n")
+    return root
+
+
+def sysctl(counts):
+    """subprocess.run as macOS's `sysctl -n NAME` answers for these counts (an unknown name fails)."""
+    def run(args, **kwargs):
+        count = counts.get(args[-1])
+        return subprocess.CompletedProcess(args, 1 if count is None else 0, f"{count}\n" if count else "", "")
+    return run
+
+
+def test_threads_are_one_per_physical_core_of_the_cpus_this_process_may_run_on(monkeypatch, tmp_path):
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.delenv("SLURM_CPUS_PER_TASK", raising=False)
+    monkeypatch.setattr(hardware, "SYSFS_CPU", cpu_topology(tmp_path / "smt", [(0, i % 8) for i in range(16)]))
+    for cpus, threads in [(range(16), 8), ({0, 8}, 1), ({0, 1, 8, 9}, 2), ({0, 1, 2}, 3)]:   # CPUs i, i + 8: one core
+        monkeypatch.setattr(os, "sched_getaffinity", lambda pid, cpus=cpus: set(cpus), raising=False)
+        assert devices.cpu_threads(config.Config()) == threads
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)), raising=False)
+    monkeypatch.setenv("SLURM_CPUS_PER_TASK", "4")                               # a cluster that binds no CPUs
+    assert devices.cpu_threads(config.Config()) == 4
+    monkeypatch.delenv("SLURM_CPUS_PER_TASK")
+    monkeypatch.setattr(hardware, "SYSFS_CPU", cpu_topology(tmp_path / "two", [(0, 0), (0, 1), (1, 0), (1, 1)]))
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3}, raising=False)
+    assert devices.cpu_threads(config.Config()) == 4                              # two sockets, core ids alike
+    monkeypatch.setattr(hardware, "SYSFS_CPU", tmp_path / "none")                   # a container hiding the topology
+    monkeypatch.setattr(hardware, "TORCH_THREADS", 2)
+    assert devices.cpu_threads(config.Config()) == 2
+    monkeypatch.delattr(os, "sched_getaffinity")
+    monkeypatch.setattr(hardware.platform, "system", lambda: "Darwin")
+    monkeypatch.setattr(hardware.subprocess, "run", sysctl({"hw.perflevel0.physicalcpu": 4, "hw.physicalcpu": 10}))
+    assert devices.cpu_threads(config.Config()) == 4                              # an M4: its 4 performance cores
+    monkeypatch.setattr(hardware.subprocess, "run", sysctl({"hw.physicalcpu": 6}))
+    assert devices.cpu_threads(config.Config()) == 6                              # an Intel Mac
+    monkeypatch.setattr(hardware.platform, "system", lambda: "Windows")
+    assert devices.cpu_threads(config.Config()) == 2                              # torch's own count
+
+
+def test_threads_are_the_key_else_omp_num_threads_else_the_cpus_this_process_may_run_on(monkeypatch, tmp_path):
+    monkeypatch.setattr(hardware, "SYSFS_CPU", cpu_topology(tmp_path, [(0, i) for i in range(6)]))
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 2, 5}, raising=False)
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     monkeypatch.delenv("SLURM_CPUS_PER_TASK", raising=False)
@@ -183,8 +357,9 @@ def test_threads_are_the_key_else_omp_num_threads_else_the_cpus_this_process_may
     assert devices.cpu_threads(config.Config(threads=5)) == 5
     monkeypatch.delenv("OMP_NUM_THREADS")
     monkeypatch.delenv("SLURM_CPUS_PER_TASK")
-    monkeypatch.delattr(os, "sched_getaffinity")                   # Windows, macOS
-    monkeypatch.setattr(os, "cpu_count", lambda: 6)
+    monkeypatch.delattr(os, "sched_getaffinity")                   # Windows
+    monkeypatch.setattr(hardware.platform, "system", lambda: "Windows")
+    monkeypatch.setattr(hardware, "TORCH_THREADS", 6)
     assert devices.cpu_threads(config.Config()) == 6
     before = torch.get_num_threads()
     try:
@@ -216,7 +391,7 @@ def test_a_run_held_to_one_cpu_says_one_thread_on_its_first_line(data_dir, tmp_p
 
 def fp16_run(out, data_dir, log=lambda line: None, resume=False):
     pairs = [*FP16.items(), ("data_dir", str(data_dir)), ("out_dir", str(out))]
-    return engine.train(config.resolve("smoke", pairs), resume=resume, log=log)
+    return trainer.train(config.resolve("smoke", pairs), resume=resume, log=log)
 
 
 def test_fp16_trains_on_the_cpu_and_a_sigterm_then_resume_ends_as_the_uninterrupted_run(data_dir, tmp_path):
@@ -232,7 +407,7 @@ def test_fp16_trains_on_the_cpu_and_a_sigterm_then_resume_ends_as_the_uninterrup
             proc.send_signal(signal.SIGTERM)
             break
     proc.stdout.read()
-    assert proc.wait() == engine.PREEMPTED_EXIT
+    assert proc.wait() == stops.PREEMPTED_EXIT
     assert files.load_checkpoint(out / "smoke.last.ckpt")["scaler"]["scale"] > 0
     resumed = run("run_train.py", *args, "--resume")
     assert resumed.returncode == 0, resumed.stderr
@@ -247,11 +422,11 @@ def test_steps_the_scaler_skips_are_no_divergence_and_resume_keeps_its_scale(dat
     reference = fp16_run(tmp_path / "reference", data_dir)
     scale = files.load_checkpoint(tmp_path / "reference" / "smoke.last.ckpt")["scaler"]["scale"]
     assert scale < 2.0 ** 24 and math.isfinite(reference["test_loss"])
-    monkeypatch.setattr(engine, "stop_requested", [])
-    with pytest.raises(engine.Preempted):          # stopped in epoch 2, where steps were skipped before
+    monkeypatch.setattr(stops, "stop_requested", [])
+    with pytest.raises(stops.Preempted):          # stopped in epoch 2, where steps were skipped before
         fp16_run(tmp_path / "stopped", data_dir,
-                 log=lambda line: line.startswith("ep 1/") and engine.stop_requested.append(signal.SIGTERM))
-    monkeypatch.setattr(engine, "stop_requested", [])
+                 log=lambda line: line.startswith("ep 1/") and stops.stop_requested.append(signal.SIGTERM))
+    monkeypatch.setattr(stops, "stop_requested", [])
     resumed = fp16_run(tmp_path / "stopped", data_dir, resume=True)
     assert results(resumed) == results(reference)
     assert csv_rows(tmp_path / "stopped" / "smoke.csv") == csv_rows(tmp_path / "reference" / "smoke.csv")
@@ -273,7 +448,7 @@ def test_a_nan_loss_in_fp16_still_stops_the_run(data_dir, tmp_path, monkeypatch)
 # 5. Windows: no fcntl, no SIGUSR1 (tests/windows/sitecustomize.py)
 
 def test_every_script_starts_trains_evaluates_and_resumes_without_fcntl_and_sigusr1(data_dir, tmp_path):
-    env = {**ENV, "PYTHONPATH": str(REPO / "tests" / "windows")}
+    env = {**ENV, "PYTHONPATH": str(REPO / "tests" / "windows"), "CXX": "cl"}   # no Visual Studio: auto runs eager
 
     def windows(*args, **kwargs):
         return subprocess.run([sys.executable, *map(str, args)], cwd=REPO, env=env, text=True, capture_output=True,
@@ -290,7 +465,7 @@ def test_every_script_starts_trains_evaluates_and_resumes_without_fcntl_and_sigu
             proc.send_signal(signal.SIGINT)       # Ctrl-C, as on Windows
             break
     proc.stdout.read()
-    assert proc.wait() == engine.INTERRUPTED_EXIT
+    assert proc.wait() == stops.INTERRUPTED_EXIT
     resumed = windows("run_train.py", *train, "--resume")
     assert resumed.returncode == 0 and "resuming smoke at epoch 2" in resumed.stdout, resumed.stderr
     assert [r["epoch"] for r in csv_rows(out / "smoke.csv")] == ["1", "2"]

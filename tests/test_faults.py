@@ -15,8 +15,19 @@ import data
 import engine
 import files
 import run_train
-from fault_helpers import (SMALL, assert_one_error_line, csv_rows, main_error, popen, results, run, snapshot,
-                           synthetic_data)
+import stops
+import trainer
+from fault_helpers import (
+    SMALL,
+    assert_one_error_line,
+    csv_rows,
+    main_error,
+    popen,
+    results,
+    run,
+    snapshot,
+    synthetic_data,
+)
 
 EPOCHS = ["--epochs", "3"]
 
@@ -43,10 +54,10 @@ def watchdog(proc, seconds=120):
 
 
 def train_here(out, data_dir, *sets, epochs=2, log=lambda *a: None):
-    """engine.train in this process on the tiny smoke run, on the CPU unless `sets` say otherwise; the summary."""
+    """trainer.train in this process on the tiny smoke run, on the CPU unless `sets` say otherwise; the summary."""
     pairs = [("subset", 256), ("batch_size", 32), ("epochs", epochs), ("device", "cpu"), ("data_dir", str(data_dir)),
              ("out_dir", str(out)), *sets]
-    return engine.train(config.resolve("smoke", pairs), log=log)
+    return trainer.train(config.resolve("smoke", pairs), log=log)
 
 
 def assert_resume_matches(reference, out, data_dir):
@@ -70,7 +81,7 @@ def test_kill_or_stop_signal_during_an_epoch_loses_at_most_that_epoch_and_resume
             proc.send_signal(sig)
             break
     proc.stdout.read()
-    assert proc.wait() == (-signal.SIGKILL if sig == signal.SIGKILL else engine.PREEMPTED_EXIT)
+    assert proc.wait() == (-signal.SIGKILL if sig == signal.SIGKILL else stops.PREEMPTED_EXIT)
     assert len(csv_rows(tmp_path / "smoke.csv")) == 1
     last = files.load_checkpoint(tmp_path / "smoke.last.ckpt")
     assert last["epoch"] == 1 and (last["step_in_epoch"] == 0) == (sig == signal.SIGKILL)   # SIGUSR1 saves mid-epoch
@@ -169,11 +180,11 @@ def test_a_stop_signal_after_an_unchecked_nan_does_not_save_spoilt_weights(data_
             before.update(snapshot(tmp_path))
             x = x * float("nan")
         if len(calls) == 8 + 4:
-            engine.stop_requested.append(signal.SIGUSR1)
+            stops.stop_requested.append(signal.SIGUSR1)
         return real_step(model, opt, x, *rest)
 
     monkeypatch.setattr(engine, "train_step", nan_then_stop)
-    monkeypatch.setattr(engine, "stop_requested", [])
+    monkeypatch.setattr(stops, "stop_requested", [])
     with pytest.raises(engine.Diverged, match="loss is nan at epoch 2 step"):
         train_here(tmp_path, data_dir, ("device", "auto"), ("compile", "off"))
     assert snapshot(tmp_path) == before

@@ -9,10 +9,14 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 import config
 import engine
+import hardware
 import run_grid
+import stops
+import trainer
 
 ROOT = Path(__file__).resolve().parent.parent
 TIMING = {"epoch_s", "img_per_s", "elapsed_s"}
@@ -24,8 +28,8 @@ def grid(*args, **kw):
 
 
 def small(out, data_dir):
-    """Flags that keep a smoke_grid run to a few seconds."""
-    return ["--out", str(out), "--data-dir", str(data_dir), "--set", "subset=320"]
+    """Flags that keep a smoke_grid run to a few seconds (eager: compiling for the CPU would take longer than the run)."""
+    return ["--out", str(out), "--data-dir", str(data_dir), "--set", "subset=320", "--no-compile"]
 
 
 def rows(path, drop=()):
@@ -117,7 +121,7 @@ def test_killed_grid_resumes_the_interrupted_config_to_the_uninterrupted_result(
         if line.startswith("== smoke_grid [1/3]"):
             p.send_signal(signal.SIGTERM)       # config 1 stops after the step it is in
     p.wait()
-    assert p.returncode == engine.PREEMPTED_EXIT
+    assert p.returncode == stops.PREEMPTED_EXIT
     assert [r["status"] for r in rows(out / "smoke_grid.csv")] == ["done", "interrupted"]
     p = grid(*small(out, finished[1]))
     output = p.communicate()[0]
@@ -131,22 +135,22 @@ def test_killed_grid_resumes_the_interrupted_config_to_the_uninterrupted_result(
 
 def test_stop_after_an_epochs_last_step_resumes_with_the_uninterrupted_csv(finished, tmp_path, monkeypatch):
     cfg = run_grid.grid_configs("smoke_grid", [("data_dir", str(finished[1])), ("subset", 320),
-                                                ("out_dir", str(tmp_path))])[1][1][2]
+                                                ("out_dir", str(tmp_path)), ("compile", "off")])[1][1][2]
     real_step, steps = engine.train_step, []
 
     def step_then_stop_at_5(*args):
         steps.append(1)
         if len(steps) == 5:          # the last of epoch 1's 5 steps
-            engine.stop_requested.append("test")
+            stops.stop_requested.append("test")
         return real_step(*args)
     monkeypatch.setattr(engine, "train_step", step_then_stop_at_5)
     try:
-        with pytest.raises(engine.Preempted):
-            engine.train(cfg, log=lambda s: None)
+        with pytest.raises(stops.Preempted):
+            trainer.train(cfg, log=lambda s: None)
     finally:
-        engine.stop_requested.clear()
+        stops.stop_requested.clear()
     monkeypatch.setattr(engine, "train_step", real_step)
-    resumed = engine.train(cfg, resume=True, log=lambda s: None)
+    resumed = trainer.train(cfg, resume=True, log=lambda s: None)
     run = Path("smoke_grid") / f"{cfg.name}.csv"
     assert rows(Path(cfg.out_dir).parent / run, TIMING) == rows(finished[0] / run, TIMING)
     whole = json.loads((finished[0] / "smoke_grid" / f"{cfg.name}.json").read_text())
@@ -207,3 +211,42 @@ def test_a_malformed_shard_is_one_error_line(tmp_path, args, message):
     r = subprocess.run([sys.executable, str(ROOT / "run_grid.py"), "--grid", "smoke_grid", *args, "--out", str(tmp_path)],
                        capture_output=True, text=True)
     assert r.returncode != 0 and r.stderr.count("\n") == 1 and r.stderr.startswith("error: ") and message in r.stderr
+
+
+def in_process(monkeypatch, *args):
+    """run_grid.main() with these arguments; its SystemExit (an error line, or a run's exit status)."""
+    monkeypatch.setattr(sys, "argv", ["run_grid.py", "--grid", "smoke_grid", *map(str, args)])
+    monkeypatch.setattr(stops, "install_stop_handlers", lambda: None)     # keep pytest's own signal handlers
+    with pytest.raises(SystemExit) as stop:
+        run_grid.main()
+    return stop.value
+
+
+def test_the_grids_first_line_times_bf16_against_fp32_at_the_threads_its_runs_will_use(monkeypatch, tmp_path):
+    """run_grid.py says the precision before a run's setup sets the threads; a CPU with bf16 units times both."""
+    threads = []
+
+    def stop(cfg, resume):
+        raise KeyboardInterrupt         # the grid ends at its first run
+
+    monkeypatch.setattr(hardware, "matmul_tflops", lambda *args, **kw: threads.append(torch.get_num_threads()) or 1.0)
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True)
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: True)
+    monkeypatch.setattr(trainer, "train", stop)
+    before = torch.get_num_threads()
+    hardware.cpu_matmul_tflops.cache_clear()
+    try:
+        torch.set_num_threads(2)        # torch's default on a 2-core CPU; the runs are set to 1
+        in_process(monkeypatch, "--index", "0", "--device", "cpu", "--set", "threads=1", "--out", tmp_path)
+    finally:
+        torch.set_num_threads(before)
+        hardware.cpu_matmul_tflops.cache_clear()
+    assert threads and set(threads) == {1}
+
+
+def test_a_grid_asked_to_compile_where_it_cannot_is_one_error_line_before_any_run(monkeypatch, tmp_path):
+    monkeypatch.setattr(hardware, "cpp_compiler_problem", lambda: "No working C++ compiler found")
+    error = in_process(monkeypatch, "--compile", "--device", "cpu", "--out", tmp_path)
+    assert str(error).startswith("error: torch.compile failed its check here (No working C++ compiler found)")
+    assert not list(tmp_path.iterdir())

@@ -10,6 +10,7 @@ import engine
 import optim
 import run_eval
 import run_train
+import trainer
 from config import Config
 from fault_helpers import main_error, quiet, small, synthetic_data
 from resnet import ResNet, whiten_
@@ -77,7 +78,7 @@ def test_the_whitened_stem_decorrelates_the_training_patches(stride):
 
 def test_stem_init_whiten_whitens_the_stem_of_a_fresh_run_only(data_dir, tmp_path, monkeypatch):
     calls = []
-    monkeypatch.setattr(engine, "whiten_", lambda conv, images: calls.append((conv, images.shape)))
+    monkeypatch.setattr(trainer, "whiten_", lambda conv, images: calls.append((conv, images.shape)))
     quiet(small(tmp_path, data_dir, ("stem_init", "whiten"), ("stem_stride", 2)))
     assert len(calls) == 1 and calls[0][0].kernel_size == (2, 2) and calls[0][1] == (256, 3, 32, 32)
     quiet(small(tmp_path, data_dir, ("stem_stride", 2), ("name", "plain")))

@@ -32,3 +32,26 @@ def test_bf16_precision_runs_the_convolutions_in_bf16_on_cpu_and_auto_stays_fp32
     for precision in ("auto", "fp32"):
         with devices.autocast(torch.device("cpu"), precision):
             assert conv(x).dtype == torch.float32
+
+
+def test_the_whitening_is_decomposed_on_the_cpu_and_lands_on_the_convs_device(monkeypatch):
+    """A Mac's model on MPS: torch before mid-2026 has no eigh there (pytorch/pytorch#151874). Here fake CUDA tensors
+    stand in for it (this torch builds no MPS, not even fake), and eigh raises off the CPU as it did on MPS."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from resnet import whiten_
+    real_eigh, seen = torch.linalg.eigh, []
+
+    def cpu_only_eigh(a, *args, **kwargs):
+        seen.append(a.device.type)
+        if a.device.type != "cpu":
+            raise NotImplementedError("The operator 'aten::_linalg_eigh.eigenvalues' is not currently implemented "
+                                      f"for the {a.device.type.upper()} device")
+        return real_eigh(a, *args, **kwargs)
+
+    monkeypatch.setattr(torch.linalg, "eigh", cpu_only_eigh)
+    with FakeTensorMode():
+        conv = torch.nn.Conv2d(3, 32, 2, 2, bias=False, device="cuda", dtype=torch.float16)
+        whiten_(conv, torch.randn(16, 3, 32, 32, device="cuda"))
+        assert (conv.weight.device.type, conv.weight.dtype) == ("cuda", torch.float16)
+    assert seen == ["cpu"]

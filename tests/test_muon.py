@@ -8,8 +8,8 @@ import config
 import engine
 import optim
 import roofline
-from config import Config
 import run_train
+from config import Config
 from fault_helpers import main_error, quiet, small, synthetic_data
 
 

@@ -19,7 +19,9 @@ import files
 import run_eval
 import run_grid
 import run_train
-from fault_helpers import SMALL, csv_rows, main_error, quiet, small, popen, run, snapshot, synthetic_data
+import stops
+import trainer
+from fault_helpers import SMALL, csv_rows, main_error, popen, quiet, run, small, snapshot, synthetic_data
 
 
 @pytest.fixture(scope="module")
@@ -64,7 +66,7 @@ def test_fresh_run_over_a_finished_one_retires_its_files_at_once(finished_run, d
     assert snapshot(old) == {name: kept for name, kept in snapshot(finished_run).items()}    # whole, untouched
     monkeypatch.setattr(engine, "train_step", real_step)
     lines = []
-    summary = engine.train(small(out, data_dir), resume=True, log=lines.append)
+    summary = trainer.train(small(out, data_dir), resume=True, log=lines.append)
     assert lines[0].startswith(f"smoke from scratch (no {out / 'smoke.last.ckpt'} to resume from")   # not finished
     assert [r["epoch"] for r in csv_rows(out / "smoke.csv")] == ["1"] and summary["status"] == "finished"
 
@@ -75,7 +77,7 @@ def test_resume_without_a_last_checkpoint_moves_the_earlier_files_under_old(fini
     (out / "smoke.last.ckpt").rename(tmp_path / "elsewhere.ckpt")
     before = snapshot(out)
     lines = []
-    engine.train(small(out, data_dir), resume=True, log=lines.append)
+    trainer.train(small(out, data_dir), resume=True, log=lines.append)
     [old] = (out / "old").iterdir()
     assert f"; the files found there moved to {old}/)" in lines[0]
     assert snapshot(old) == before
@@ -163,7 +165,7 @@ def test_a_second_ctrl_c_stops_at_once(data_dir, tmp_path):
     proc.send_signal(signal.SIGINT)
     assert proc.wait(timeout=30) == 130
     rest = proc.stdout.read().splitlines()
-    assert rest == [engine.STOPPED_AT_ONCE]
+    assert rest == [stops.STOPPED_AT_ONCE]
     assert not list(tmp_path.glob("*.tmp"))
     assert files.load_checkpoint(tmp_path / "smoke.ckpt")["epoch"] == 1
 
@@ -193,15 +195,15 @@ def test_a_failing_grid_config_gets_a_failed_row_with_the_reason_and_the_grid_go
     _, runs = run_grid.grid_configs("smoke_grid", [("epochs", 2), ("subset", 256), ("data_dir", str(data_dir)),
                                                    ("out_dir", str(tmp_path))])
     quiet(runs[0][2])       # config 0 made with 2 epochs: "other settings" for the grid's 1 epoch
-    real_train = engine.train
+    real_train = trainer.train
 
     def broken_for_config_2(cfg, **kw):
         if cfg.name == runs[2][0]:
             raise RuntimeError("CUDA error: an illegal memory access was encountered")
         return real_train(cfg, **kw)
-    monkeypatch.setattr(engine, "train", broken_for_config_2)
+    monkeypatch.setattr(trainer, "train", broken_for_config_2)
     monkeypatch.setattr(sys, "argv", list(map(str, argv)))
-    monkeypatch.setattr(engine, "install_stop_handlers", lambda: None)
+    monkeypatch.setattr(stops, "install_stop_handlers", lambda: None)
     with pytest.raises(SystemExit) as e:
         run_grid.main()
     assert e.value.code == (f"error: 2 of 4 configs failed ({runs[0][0]}, {runs[2][0]}): "
@@ -222,15 +224,16 @@ def test_a_resumed_epoch_counts_the_time_before_the_stop(data_dir, tmp_path, mon
     def one_second_step(*args):                 # each step takes exactly 1 s of a fake clock; the stop comes at 4
         now[0] += 1.0
         if now[0] == 4.0:
-            engine.stop_requested.append(signal.SIGTERM)
+            stops.stop_requested.append(signal.SIGTERM)
         return real_step(*args)
     monkeypatch.setattr(engine, "train_step", one_second_step)
-    monkeypatch.setattr(engine, "time", types.SimpleNamespace(time=lambda: now[0]))
-    monkeypatch.setattr(engine, "stop_requested", [])
+    for module in (engine, trainer):            # the step's clock, and the epoch's
+        monkeypatch.setattr(module, "time", types.SimpleNamespace(time=lambda: now[0]))
+    monkeypatch.setattr(stops, "stop_requested", [])
     cfg = small(tmp_path, data_dir, epochs=2)
-    with pytest.raises(engine.Preempted):
+    with pytest.raises(stops.Preempted):
         quiet(cfg)
-    engine.stop_requested.clear()
+    stops.stop_requested.clear()
     summary = quiet(cfg, resume=True)
     rows = csv_rows(tmp_path / "smoke.csv", timing=True)
     assert [(r["epoch_s"], r["img_per_s"]) for r in rows] == [("8.000", "32.0"), ("8.000", "32.0")]

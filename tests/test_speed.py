@@ -11,6 +11,7 @@ from torch._dynamo.utils import counters
 import config
 import devices
 import engine
+import trainer
 from resnet import ResNet
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -34,10 +35,10 @@ def tiny_cfg(tmp_path, **kw):
 
 
 def test_runs_of_the_same_shapes_compile_once_per_process(tmp_path, eager_compile):
-    first = engine.train(tiny_cfg(tmp_path, name="a"), log=lambda *_: None)
-    engine.train(tiny_cfg(tmp_path, name="b", lr=0.001, label_smoothing=0.1), log=lambda *_: None)
+    first = trainer.train(tiny_cfg(tmp_path, name="a"), log=lambda *_: None)
+    trainer.train(tiny_cfg(tmp_path, name="b", lr=0.001, label_smoothing=0.1), log=lambda *_: None)
     assert counters["stats"]["unique_graphs"] == 1          # the warm-ups, run a and run b share one graph
-    engine.train(tiny_cfg(tmp_path, name="c", batch_size=16), log=lambda *_: None)
+    trainer.train(tiny_cfg(tmp_path, name="c", batch_size=16), log=lambda *_: None)
     assert counters["stats"]["unique_graphs"] == 2          # a new batch shape compiles once more
     assert first["compile_s"] > 0 and first["train_s"] > 0
     ckpt = torch.load(tmp_path / "out" / "a.ckpt", weights_only=True)
@@ -51,7 +52,7 @@ def test_cuda_graph_mode_warms_up_three_steps_on_the_model_itself_and_leaves_tra
     runs = {}
     for mode in ("off", "on", "reduce-overhead"):
         calls.clear()
-        engine.train(tiny_cfg(tmp_path, name=mode, compile=mode), log=lambda *_: None)
+        trainer.train(tiny_cfg(tmp_path, name=mode, compile=mode), log=lambda *_: None)
         assert all(model is calls[-1] for model in calls)       # the graphs are recorded on the trained parameters
         runs[mode] = (len(calls), (tmp_path / "out" / f"{mode}.csv").read_text().splitlines())
     steps = runs["off"][0]
@@ -71,13 +72,12 @@ def test_compile_modes_are_config_choices_and_off_means_eager():
 
 def test_deterministic_compiled_runs_use_inductors_deterministic_mode(monkeypatch):
     import torch._inductor.config as inductor
-    monkeypatch.setattr(inductor, "deterministic", False)         # restored after the test
-    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 8)
     monkeypatch.setattr(torch, "compile", lambda model, **kw: model)
-    devices.compile_model(ResNet([1], [4]), config.resolve("smoke"))
-    assert inductor.deterministic is False and torch._dynamo.config.recompile_limit == 64
-    devices.compile_model(ResNet([1], [4]), config.resolve("smoke", [("deterministic", True)]))
-    assert inductor.deterministic is True
+    with inductor.patch(deterministic=False), torch._dynamo.config.patch(recompile_limit=8):  # note: monkeypatch
+        devices.compile_model(ResNet([1], [4]), config.resolve("smoke"))                # would delete the options
+        assert inductor.deterministic is False and torch._dynamo.config.recompile_limit == 64
+        devices.compile_model(ResNet([1], [4]), config.resolve("smoke", [("deterministic", True)]))
+        assert inductor.deterministic is True
 
 
 def test_ema_update_averages_weights_and_bn_statistics():

@@ -13,8 +13,11 @@ import config
 import data
 import devices
 import engine
-import optim
 import files
+import hardware
+import optim
+import stops
+import trainer
 from resnet import ResNet
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -77,7 +80,7 @@ def test_checkpoint_alone_reproduces_the_runs_accuracy(smoke_run):
 def test_git_revision_is_asked_once_per_process_not_at_every_save(tmp_path, monkeypatch):
     real_run, asked = subprocess.run, []
     monkeypatch.setattr(subprocess, "run", lambda args, **kw: asked.append(args) or real_run(args, **kw))
-    summary = engine.train(smoke_cfg(tmp_path, epochs=2, subset=128), log=lambda s: None)     # checkpoints each epoch
+    summary = trainer.train(smoke_cfg(tmp_path, epochs=2, subset=128), log=lambda s: None)     # checkpoints each epoch
     assert len([a for a in asked if a[:2] == ["git", "rev-parse"]]) <= 1
     assert summary["versions"] == devices.versions()
 
@@ -94,19 +97,19 @@ def test_predict_batches_the_images_alone_and_gives_the_models_logits():
 
 
 def test_resume_from_last_checkpoint_matches_an_uninterrupted_run(tmp_path):
-    whole = engine.train(smoke_cfg(tmp_path / "a"), log=lambda s: None)
+    whole = trainer.train(smoke_cfg(tmp_path / "a"), log=lambda s: None)
 
     def stop_after_epoch_2(line):
         if line.startswith("ep 2/"):
-            engine.stop_requested.append("test")
+            stops.stop_requested.append("test")
     cfg = smoke_cfg(tmp_path / "b")
     try:
-        with pytest.raises(engine.Preempted):
-            engine.train(cfg, log=stop_after_epoch_2)    # stops at the first step of epoch 3
+        with pytest.raises(stops.Preempted):
+            trainer.train(cfg, log=stop_after_epoch_2)    # stops at the first step of epoch 3
     finally:
-        engine.stop_requested.clear()
+        stops.stop_requested.clear()
     assert len(csv_rows(tmp_path / "b" / "out" / "smoke.csv")) == 2
-    resumed = engine.train(cfg, resume=True, log=lambda s: None)
+    resumed = trainer.train(cfg, resume=True, log=lambda s: None)
     assert csv_rows(tmp_path / "a" / "out" / "smoke.csv") == csv_rows(tmp_path / "b" / "out" / "smoke.csv")
     assert (resumed["best_val_acc"], resumed["test_acc"], resumed["test_loss"]) == \
         (whole["best_val_acc"], whole["test_acc"], whole["test_loss"])
@@ -114,7 +117,7 @@ def test_resume_from_last_checkpoint_matches_an_uninterrupted_run(tmp_path):
 
 def test_val_every_validates_every_nth_and_the_last_epoch_picks_the_best_among_them_and_resumes(tmp_path):
     kw = {"epochs": 5, "val_every": 2, "subset": 640, "channels": [8, 16]}
-    whole = engine.train(smoke_cfg(tmp_path / "a", **kw), log=lambda s: None)
+    whole = trainer.train(smoke_cfg(tmp_path / "a", **kw), log=lambda s: None)
     rows = csv_rows(tmp_path / "a" / "out" / "smoke.csv")
     assert [r["epoch"] for r in rows if r["val_acc"]] == ["2", "4", "5"]
     assert all(r["val_loss"] == r["val_top5"] == "" for r in rows if r["epoch"] in ("1", "3"))
@@ -125,14 +128,14 @@ def test_val_every_validates_every_nth_and_the_last_epoch_picks_the_best_among_t
     def stop_after_epoch_3(line):
         if line.startswith("ep 3/"):
             assert "| val - |" in line
-            engine.stop_requested.append("test")
+            stops.stop_requested.append("test")
     cfg = smoke_cfg(tmp_path / "b", **kw)
     try:
-        with pytest.raises(engine.Preempted):
-            engine.train(cfg, log=stop_after_epoch_3)
+        with pytest.raises(stops.Preempted):
+            trainer.train(cfg, log=stop_after_epoch_3)
     finally:
-        engine.stop_requested.clear()
-    resumed = engine.train(cfg, resume=True, log=lambda s: None)
+        stops.stop_requested.clear()
+    resumed = trainer.train(cfg, resume=True, log=lambda s: None)
     assert csv_rows(tmp_path / "b" / "out" / "smoke.csv") == rows
     assert (resumed["best_epoch"], resumed["test_loss"]) == (whole["best_epoch"], whole["test_loss"])
 
@@ -187,8 +190,9 @@ def test_report_overfit64_and_report_repo_hold_the_report_repositorys_settings()
 def test_config_precedence_and_compile_default():
     cfg = config.resolve("report", [("lr", 0.01)])
     assert (cfg.lr, cfg.optimizer, cfg.batch_size, cfg.epochs, cfg.name) == (0.01, "sgd", 128, 20, "report")
-    assert not devices.use_compile(cfg, engine.torch.device("cpu"))
-    assert devices.use_compile(config.resolve("report", [("compile", "on")]), engine.torch.device("cpu"))
+    cpu = engine.torch.device("cpu")      # auto compiles on a CPU where a C++ compiler works; "off" never does
+    assert devices.use_compile(cfg, cpu) == (hardware.cpp_compiler_problem() == "")
+    assert not devices.use_compile(config.resolve("report", [("compile", "off")]), cpu)
 
 
 @pytest.mark.parametrize("args, message", [

@@ -1,0 +1,285 @@
+"""A run's life: a fresh start or a resume, the time budget, the first line, the checkpoints, a stop (stops.py) and the
+summary at the end. engine.py trains each epoch's steps and evaluates.
+
+    import config, trainer; trainer.train(config.resolve("smoke"))     # what run_train.py does
+"""
+import copy
+import csv
+import dataclasses
+import json
+import os
+import time
+from dataclasses import asdict
+
+import torch
+
+import console
+import data
+import devices
+import engine
+import files
+import optim
+import roofline
+import stops
+from config import UserError
+from resnet import whiten_
+
+OUT_OF_MEMORY = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)    # any device's (older torch: CUDA's)
+RESUMABLE_CHANGES = {"data_dir", "download", "device", "compile", "threads", "log_every", "progress_s", "out_dir",
+                     "note", "deterministic", "lrfind_start", "lrfind_end", "lrfind_iters", "lrfind_diverge", "lrfind_stop"}
+
+
+# ----------------------------------------------------------------------------
+# a run, start to end
+
+@dataclasses.dataclass
+class Run:
+    """Where a run stands: its config, files, data, what trains (engine.Training), and its position and record."""
+    cfg: object
+    paths: dict
+    d: dict
+    t: engine.Training
+    epoch: int = 0
+    first_step: int = 0
+    epoch_s0: float = 0.0            # training seconds of the epoch before a stop
+    elapsed0: float = 0.0            # the run's seconds before this process (a resumed run's)
+    best: dict = dataclasses.field(default_factory=lambda: {"val_acc": -1.0, "epoch": 0})
+    budget: dict = dataclasses.field(default_factory=dict)
+    first_batch_loss: float = 0.0
+    compile_s: float = 0.0
+
+
+def train(cfg, resume=False, log=print):
+    """Train cfg to the end (or to a stop signal); returns the summary dict also written to <name>.json."""
+    device = devices.setup(cfg)
+    paths = files.run_paths(cfg)
+    try:
+        paths["csv"].parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot create output folder {paths['csv'].parent}: {e.strerror}")
+    with files.run_lock(paths["lock"]):
+        for key in ("csv", "best", "last", "summary"):    # half-written files of a run killed mid-write
+            for stale in paths[key].parent.glob(f"{paths[key].name}.*.tmp"):
+                stale.unlink()
+        try:
+            return train_locked(cfg, device, paths, resume, log)
+        except OUT_OF_MEMORY:
+            raise UserError(f"out of memory on {device.type} at batch_size {cfg.batch_size}: try --set batch_size="
+                            f"{max(1, cfg.batch_size // 2)}, a fresh start, which keeps this run's files under "
+                            f"{paths['csv'].parent / 'old'}/")
+        except OSError as e:   # a full disk or a folder gone read-only: the files written before are kept
+            raise UserError(files.os_error_line(e, paths["csv"].parent))
+
+
+def train_locked(cfg, device, paths, resume, log):
+    state, asked_epochs = None, cfg.epochs
+    if resume and paths["last"].exists():
+        cfg, state, summary = resume_state(cfg, paths)
+        if summary:
+            log(f"{cfg.name} already finished ({paths['last']}); nothing to do")
+            return summary
+    init = files.init_weights(cfg) if cfg.init and not state else None      # checked before anything is moved or read
+    run, first_batch = prepare(cfg, paths, device, init)
+    size_budget(run, state, log)
+    if state and run.budget and asked_epochs != run.cfg.epochs:
+        log(f"budget_s {cfg.budget_s:g} as at its start: its {run.cfg.epochs} epochs kept, not the {asked_epochs} "
+            f"asked for")
+    if state:
+        head, started = restore(run, state), files.start_time(paths["summary"]) or files.now()
+    else:       # a fresh start: the files of an earlier run of this name move, whole, under <out>/old/
+        head, started = fresh_start(run.cfg, resume), files.now()
+    cfg, steps = run.cfg, data.steps_per_epoch(len(run.d["train"][0]), run.cfg.batch_size)
+    log(console.run_line(head, cfg, run.t.model, device, f"{cfg.epochs} epochs x {steps} steps of batch "
+                         f"{cfg.batch_size}", console.files_of(cfg)))
+    if not state:
+        run.first_batch_loss = engine.check_first_batch(run.t.model, *first_batch, run.t.precision, log, cfg.init)
+    if run.t.compiled is not run.t.model:
+        log(f"compiled in {run.compile_s:.1f}s (kept apart from training time)")
+    files.write_json({"name": cfg.name, "status": "started", "started": started, "params": run.t.model.num_params(),
+                      "first_batch_loss": run.first_batch_loss, "device": str(device), "config": asdict(cfg),
+                      **run.budget, "versions": devices.versions()}, paths["summary"])
+    train_epochs(run, log)
+    return finish(run, device)
+
+
+def resume_state(cfg, paths):
+    """(cfg, the .last.ckpt's state, the summary of a run that already finished or None). A budgeted run keeps the
+    epochs chosen at its start; other changed settings are one error line."""
+    state = files.load_checkpoint(paths["last"])
+    if not {"optimizer", "rng", "epoch_sums"} <= state.keys():
+        raise UserError(f"{paths['last']} holds no training state (optimizer, RNG): it is not a .last.ckpt")
+    if cfg.budget_s and state["config"].get("budget_s") == cfg.budget_s:    # the epochs chosen at its start
+        cfg = dataclasses.replace(cfg, epochs=state["config"]["epochs"])
+    changed = {k for k, v in state["config"].items() if getattr(cfg, k, None) != v} - RESUMABLE_CHANGES
+    if changed:
+        again = "FRESH=1 sbatch slurm.sh (a grid: another --out)" if os.environ.get("SLURM_JOB_ID") else \
+            "run without --resume"
+        raise UserError(f"{paths['last']} was made with other settings ({', '.join(sorted(changed))}); "
+                        f"resume with the same config, or {again} to start again")
+    finished = state.get("finished") and paths["summary"].exists()
+    summary = json.loads(paths["summary"].read_text()) if finished else {}
+    return cfg, state, summary if "test_acc" in summary else None   # not the record of a run that died before its end
+
+
+def prepare(cfg, paths, device, init):
+    """The Run before its first step: data, model (from init, or its stem whitened), optimizer, EMA, compile and its
+    warm-up, the budget's epochs; and the first training batch."""
+    d = data.load(cfg, device)
+    train_x, train_y = d["train"]
+    model = engine.build_model(cfg, len(d["classes"]), device)
+    if init:
+        engine.load_weights(model, init, cfg)
+    elif cfg.stem_init == "whiten":     # from 5,000 training images spread over the split (a resumed run's are loaded)
+        whiten_(model.stem[0], data.normalize(train_x[::max(1, len(train_x) // 5000)]))
+    precision = devices.pick_precision(cfg, device)[0]      # cfg.precision (auto) is what checkpoints keep
+    t = engine.Training(cfg, model, model, optim.make_optimizer(model, cfg, precision),
+                        devices.grad_scaler(device, precision), copy.deepcopy(model) if cfg.ema else None, precision,
+                        torch.zeros(4, device=device))    # EMA: weights and BN statistics, updated by update_ema
+    first_batch = next(data.train_batches(train_x, train_y, cfg, 0, num_classes=len(d["classes"])))    # note: augments a whole epoch, so once
+    t.origin = time.time()
+    run = Run(cfg, paths, d, t)
+    if devices.use_compile(cfg, device):     # before an earlier run's files move: the budget's timing needs it
+        t.compiled = devices.compile_model(model, cfg)
+        run.compile_s = engine.warm_up(model, t.compiled, cfg, *first_batch, precision)
+    return run, first_batch
+
+
+def size_budget(run, state, log):
+    """A budgeted run's epochs: measured at a fresh start (too short for one epoch: a UserError, and nothing in out/
+    has moved), kept from the checkpoint on a resume; said in one line."""
+    cfg, t = run.cfg, run.t
+    run.budget = state.get("budget", {}) if state else {}
+    if cfg.budget_s and not state:
+        img_per_s = engine.measure_speed(t.model, t.compiled, cfg, *run.d["train"], t.precision, t.ema,
+                                         len(run.d["classes"]))
+        run.cfg = t.cfg = dataclasses.replace(cfg, epochs=console.budget_epochs(cfg.budget_s, img_per_s,
+                                                                                 len(run.d["train"][0])))
+        run.budget = {"budget_img_per_s": round(img_per_s, 1), "budget_epochs": run.cfg.epochs}
+    if run.budget:
+        log(console.budget_line(cfg.budget_s, run.budget["budget_epochs"], run.budget["budget_img_per_s"]))
+
+
+def restore(run, state):
+    """Load a .last.ckpt's weights, optimizer, EMA, RNG, position and record into the run; returns the head line."""
+    t = run.t
+    engine.load_weights(t.model, state["model"], run.cfg)
+    t.opt.load_state_dict(state["optimizer"])
+    if t.scaler and state.get("scaler"):
+        t.scaler.load_state_dict(state["scaler"])
+    if t.ema:
+        t.ema.load_state_dict(state["ema"])
+    torch.set_rng_state(state["rng"]["torch"])
+    run.epoch, run.first_step, run.best = state["epoch"], state["step_in_epoch"], state["best"]
+    run.elapsed0 = state["elapsed_s"]
+    t.origin -= run.elapsed0
+    t.sums, run.epoch_s0 = state["epoch_sums"].to(t.sums.device), state.get("epoch_s", 0.0)
+    if len(t.sums) == 3:      # a last.ckpt from before train_objective, whose loss sum was the objective's
+        t.sums = torch.cat([t.sums, t.sums[:1]])
+    run.first_batch_loss = state["first_batch_loss"]
+    return f"resuming {run.cfg.name} at epoch {run.epoch + 1} step {run.first_step} from {run.paths['last']}"
+
+
+def fresh_start(cfg, resume):
+    """Move an earlier run's files of this name under <out>/old/; returns the head line that says so."""
+    old, last = files.retire_earlier_run(cfg), files.run_paths(cfg)["last"]
+    start = f" from the weights of {cfg.init}" if cfg.init else " from scratch" if resume else ""
+    if resume:
+        moved = f"; the files found there moved to {old}/" if old else ""
+        return f"{cfg.name}{start} (no {last} to resume from{moved})"
+    return f"{cfg.name}{start}" + (f" (the earlier run's files moved to {old}/)" if old else "")
+
+
+def train_epochs(run, log):
+    """The epochs from where the run stands to its end: each one's steps (engine), validation, CSV row, checkpoints and
+    line. A stop signal saves last.ckpt at the step reached and raises Preempted."""
+    cfg, t, paths, d = run.cfg, run.t, run.paths, run.d
+    steps = data.steps_per_epoch(len(d["train"][0]), cfg.batch_size)
+    csv_file = files.open_csv(paths["csv"], run.epoch)
+    writer = csv.DictWriter(csv_file, files.CSV_COLUMNS)
+    tick = console.progress(cfg, t.sums.device, steps * cfg.epochs, run.epoch * steps + run.first_step, log,
+                            run.elapsed0)
+    with csv_file:
+        while run.epoch < cfg.epochs:
+            devices.synchronize(t.sums.device)      # the clock is read once the queued work is done
+            t0 = time.time()
+            kept = f"last good checkpoints kept in {paths['last'].parent}" if paths["last"].exists() else \
+                "no checkpoint yet"
+            step, lr, stopped = engine.train_one_epoch(t, *d["train"], run.epoch, run.first_step, len(d["classes"]),
+                                                       tick, log, lambda: bool(stops.stop_requested), kept)
+            if stopped:
+                save_last(run, step_in_epoch=step, epoch_sums=t.sums.cpu(), epoch_s=run.epoch_s0 + time.time() - t0)
+                raise stops.Preempted(stops.stop_requested[0], f"{paths['last']} at epoch {run.epoch + 1} step {step}")
+            devices.synchronize(t.sums.device)
+            epoch_s = run.epoch_s0 + time.time() - t0
+            run.epoch += 1
+            row, val = end_of_epoch(run, lr, epoch_s)
+            writer.writerow(row)
+            csv_file.flush()
+            if val and val["acc"] > run.best["val_acc"]:
+                run.best = {**{f"val_{k}": v for k, v in val.items()}, "epoch": run.epoch}
+                eval_model = t.ema if t.ema is not None else t.model
+                files.save_checkpoint({**checkpoint_common(run), "model": eval_model.state_dict(), "epoch": run.epoch,
+                                       "metrics": run.best}, paths["best"])
+            run.first_step, run.epoch_s0 = 0, 0.0
+            t.sums = torch.zeros(4, device=t.sums.device)
+            save_last(run, step_in_epoch=0, epoch_sums=t.sums.cpu(), finished=run.epoch == cfg.epochs)
+            log(console.epoch_line(row, cfg.epochs, run.best["val_acc"]))
+
+
+def end_of_epoch(run, lr, epoch_s):
+    """Validate where due; returns the epoch's CSV row and the validation's metrics ({} where not due)."""
+    cfg, t = run.cfg, run.t
+    validated = run.epoch % cfg.val_every == 0 or run.epoch == cfg.epochs
+    eval_model = t.ema if t.ema is not None else t.model
+    val = engine.evaluate(eval_model, *run.d["val"], cfg.tta, t.precision, cfg.tta_translate) if validated else {}
+    train_loss, train_acc, _, objective = (t.sums / t.sums[2]).tolist()
+    row = {"epoch": run.epoch, "lr": f"{lr:.6g}", "train_loss": f"{train_loss:.5f}", "train_acc": f"{train_acc:.5f}",
+           "train_objective": f"{objective:.5f}",
+           **{f"val_{k}": f"{v:.5f}" for k, v in val.items()},    # left empty on an epoch not validated
+           "epoch_s": f"{epoch_s:.3f}", "img_per_s": f"{t.sums[2].item() / epoch_s:.1f}",
+           "elapsed_s": f"{t.elapsed():.3f}"}
+    return row, val
+
+
+def checkpoint_common(run):
+    return {"format_version": files.FORMAT_VERSION, "config": asdict(run.cfg), "classes": run.d["classes"],
+            "versions": devices.versions(), "first_batch_loss": run.first_batch_loss, "budget": run.budget}
+
+
+def save_last(run, **position):
+    """last.ckpt: everything a resume needs, at the epoch and step given."""
+    t = run.t
+    files.save_checkpoint({**checkpoint_common(run), "model": t.model.state_dict(), "optimizer": t.opt.state_dict(),
+                           "ema": t.ema.state_dict() if t.ema else None, "best": run.best,
+                           "scaler": t.scaler.state_dict() if t.scaler else None,     # fp16's loss scale
+                           "elapsed_s": t.elapsed(), "rng": {"torch": torch.get_rng_state()},
+                           "epoch": run.epoch, **position}, run.paths["last"])
+
+
+# ----------------------------------------------------------------------------
+# the last line
+
+def finish(run, device):
+    """Test the best checkpoint once, write the summary JSON, return it."""
+    cfg, paths, d, wall_s = run.cfg, run.paths, run.d, run.t.elapsed()
+    best_ckpt = files.load_checkpoint(paths["best"])
+    best_model = engine.model_from(best_ckpt, device)
+    test = engine.evaluate(best_model, *d["test"], cfg.tta, run.t.precision, cfg.tta_translate, both=True)
+    steps = data.steps_per_epoch(len(d["train"][0]), cfg.batch_size) * cfg.epochs
+    with open(paths["csv"], newline="") as f:
+        train_s = sum(float(r["epoch_s"]) for r in csv.DictReader(f))
+    summary = {"name": cfg.name, "status": "finished", "started": files.start_time(paths["summary"]),
+               "best_epoch": best_ckpt["epoch"],
+               "best_val_acc": best_ckpt["metrics"]["val_acc"], "test_loss": test["loss"], "test_acc": test["acc"],
+               "test_top5": test["top5"],      # test_acc, best_val_acc: with flip TTA where tta is on; *_plain, *_tta: both
+               "best_val_acc_plain": best_ckpt["metrics"].get("val_acc_plain"),
+               "best_val_acc_tta": best_ckpt["metrics"].get("val_acc_tta"),
+               "test_acc_plain": test["acc_plain"], "test_acc_tta": test["acc_tta"],
+               "first_batch_loss": run.first_batch_loss, "params": best_model.num_params(),
+               "train_flops": roofline.step_flops(best_model, cfg) * steps,    # whatever the device or precision
+               "train_s": round(train_s, 3), "compile_s": round(run.compile_s, 3), "wall_s": round(wall_s, 3),
+               "device": str(device), "precision": run.t.precision, **best_ckpt.get("budget", {}),
+               "files": [str(paths[k]) for k in ("csv", "best", "last", "summary")],
+               "config": asdict(cfg), "versions": devices.versions()}
+    files.write_json(summary, paths["summary"])
+    return summary
