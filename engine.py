@@ -16,6 +16,7 @@ import torch.nn.functional as F
 import console
 import data
 import devices
+import distributed
 import files
 import optim
 import resnet
@@ -130,13 +131,15 @@ def update_ema(averaged, model, decay):
 
 
 def train_one_epoch(t, x, y, epoch, first_step, num_classes, tick, log, stop, kept):
-    """The epoch's training steps from first_step on, added to t.sums; returns (steps done, last lr, stopped?): it
-    stops after the step where stop() is true. kept: where the last good checkpoints are, for a divergence's line."""
+    """The epoch's training steps from first_step on (this rank's slice of each batch), added to t.sums; returns (steps
+    done, last lr, stopped?): it stops after the step where stop() is true (stop() already says whether any rank was
+    asked to). kept: where the last good checkpoints are, for a divergence's line."""
     cfg, device, t0 = t.cfg, x.device, time.time()
     steps = data.steps_per_epoch(len(x), cfg.batch_size)
     total_steps = steps * cfg.epochs
     lr = optim.lr_at(max(0, epoch * steps + first_step - 1), total_steps, cfg)   # stopped after an epoch's last step
     for i, (xb, yb) in enumerate(data.train_batches(x, y, cfg, epoch, first_step, num_classes), first_step):
+        xb, yb = distributed.my_slice(xb, yb)     # every rank draws the same global batch and trains on its rows
         lr = optim.lr_at(epoch * steps + i, total_steps, cfg)
         loss, correct, objective = train_step(t.compiled, t.opt, xb, yb, cfg, lr, t.precision, t.scaler)
         t.sums[0] += loss * len(yb)

@@ -31,6 +31,7 @@ from pathlib import Path
 import config
 import console
 import devices
+import distributed
 import files
 import resnet
 import run_train
@@ -183,6 +184,9 @@ def main():
     p.add_argument("--shard", metavar="I/N", help="run only the configs whose index is I mod N, e.g. one shard per GPU")
     p.add_argument("--list", action="store_true", help="print the configs with their indices and status, run nothing")
     args = p.parse_args()
+    if distributed.env_ranks()[1] > 1:      # each process would run the whole grid into the same files
+        sys.exit("error: run_grid.py runs one process per config: start it with python (--shard I/N for several "
+                 "GPUs), not torchrun or srun with several tasks" if distributed.is_main() else 1)
     try:
         axes, runs = grid_configs(args.grid, run_train.overrides(args))
         summary = Path(runs[0][2].out_dir + ".csv")

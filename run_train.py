@@ -4,12 +4,14 @@
     python run_train.py --exp best --data-dir ~/data     # the tuned recipe on CIFAR-100
     python run_train.py --exp report --set lr=0.001 --epochs 5
     python run_train.py --exp best --resume              # continue from out/best.last.ckpt
+    torchrun --standalone --nproc_per_node=4 run_train.py --exp best    # 4 GPUs, one run (docs/distributed.md)
 """
 import argparse
 import sys
 
 import config
 import console
+import distributed
 import stops
 import trainer
 
@@ -52,16 +54,25 @@ def main():
     try:
         cfg = config.resolve(args.exp, overrides(args), args.experiments)
         s = trainer.train(cfg, resume=args.resume)
-    except config.UserError as e:
-        sys.exit(f"error: {e}")
+    except config.UserError as e:       # under several processes every rank meets it: rank 0 says it
+        sys.exit(f"error: {e}" if distributed.is_main() else 1)
     except stops.Preempted as e:
-        print(e, file=sys.stderr)
+        if distributed.is_main():
+            print(e, file=sys.stderr)
         sys.exit(e.status)
     except KeyboardInterrupt:           # a second Ctrl-C
-        print(stops.STOPPED_AT_ONCE, file=sys.stderr)
+        if distributed.is_main():
+            print(stops.STOPPED_AT_ONCE, file=sys.stderr)
         sys.exit(stops.INTERRUPTED_EXIT)
-    print(console.done_line(s))
-    print("files: " + " ".join(s["files"]))
+    except RuntimeError as e:           # a collective whose peer died: one line, not a traceback per rank
+        if not distributed.peer_failure(e):
+            raise
+        sys.exit(f"error: {distributed.peer_failure(e)}")
+    finally:
+        distributed.cleanup()
+    if s:       # rank 0's
+        print(console.done_line(s))
+        print("files: " + " ".join(s["files"]))
 
 
 if __name__ == "__main__":

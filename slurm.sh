@@ -7,11 +7,16 @@
 #   GRID=report_grid sbatch --array=0-23 slurm.sh          # one config of the grid per array task
 #   FRESH=1 sbatch slurm.sh                                # start again, without --resume (the experiment changed)
 #   scancel --signal=USR1 --batch JOBID                    # save, requeue and resume now
+#   EXP=best sbatch --nodes=2 --ntasks-per-node=4 --gres=gpu:4 slurm.sh   # one run on 8 GPUs (docs/distributed.md)
 #
 # Before the time limit SLURM sends USR1 to this shell (B:USR1@120), which passes it on to Python; the
 # engine finishes its step, writes last.ckpt and exits with 75; only then is the job requeued, and the
 # requeued job resumes from last.ckpt (--resume). A finished run submitted again does nothing.
 # SIGTERM (scancel, preemption) also saves last.ckpt, but does not requeue: submit again to resume.
+# A job of several tasks runs them under srun (one process per GPU, ranks from SLURM_PROCID): the USR1 sent to srun
+# goes on to every task, all stop at the same step, rank 0 saves; the tasks end on their own (--kill-on-bad-exit=0: a
+# task's exit 75 must not kill rank 0 as it exits), a failed one makes the others' next collective fail.
+# (torchrun would not pass USR1 on to its workers, pytorch/pytorch#154849: send it to them, pkill -USR1 -f run_train.py)
 #
 #SBATCH --job-name=cifar100
 #SBATCH --gres=gpu:1
@@ -45,9 +50,12 @@ if [ -n "${GRID:-}" ]; then
 else
     cmd=(python run_train.py --exp "${EXP:-best}" $resume "$@")
 fi
+if [ "${SLURM_NTASKS:-1}" -gt 1 ]; then     # one task per GPU; srun no longer inherits --cpus-per-task (SLURM 22.05)
+    cmd=(srun --kill-on-bad-exit=0 ${SLURM_CPUS_PER_TASK:+--cpus-per-task=$SLURM_CPUS_PER_TASK} "${cmd[@]}")
+fi
 echo "== ${cmd[*]}"
 
-got=""
+got=""      # $pid below: Python, or srun, which passes USR1 on to every task
 forward() { got=$1; echo "== got SIG$1: asking Python to save and stop"; kill -USR1 "$pid" 2>/dev/null; }
 trap 'forward USR1' USR1
 trap 'forward TERM' TERM

@@ -3,6 +3,7 @@ summary at the end. engine.py trains each epoch's steps and evaluates.
 
     import config, trainer; trainer.train(config.resolve("smoke"))     # what run_train.py does
 """
+import contextlib
 import copy
 import csv
 import dataclasses
@@ -16,6 +17,7 @@ import torch
 import console
 import data
 import devices
+import distributed
 import engine
 import files
 import optim
@@ -50,19 +52,20 @@ class Run:
 
 
 def train(cfg, resume=False, log=print):
-    """Train cfg to the end (or to a stop signal); returns the summary dict also written to <name>.json."""
-    device = devices.setup(cfg)
-    paths = files.run_paths(cfg)
+    """Train cfg to the end (or to a stop signal); returns the summary dict also written to <name>.json (None on a
+    rank but 0 of several processes: rank 0 alone prints, takes the lock and writes files)."""
+    device = distributed.init(devices.setup(cfg), cfg)
+    paths, main = files.run_paths(cfg), distributed.is_main()
     try:
         paths["csv"].parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise UserError(f"cannot create output folder {paths['csv'].parent}: {e.strerror}")
-    with files.run_lock(paths["lock"]):
-        for key in ("csv", "best", "last", "summary"):    # half-written files of a run killed mid-write
+    with files.run_lock(paths["lock"]) if main else contextlib.nullcontext():
+        for key in ("csv", "best", "last", "summary") if main else ():    # half-written files of a run killed mid-write
             for stale in paths[key].parent.glob(f"{paths[key].name}.*.tmp"):
                 stale.unlink()
         try:
-            return train_locked(cfg, device, paths, resume, log)
+            return train_locked(cfg, device, paths, resume, log if main else lambda line: None)
         except OUT_OF_MEMORY:
             raise UserError(f"out of memory on {device.type} at batch_size {cfg.batch_size}: try --set batch_size="
                             f"{max(1, cfg.batch_size // 2)}, a fresh start, which keeps this run's files under "
@@ -72,34 +75,43 @@ def train(cfg, resume=False, log=print):
 
 
 def train_locked(cfg, device, paths, resume, log):
-    state, asked_epochs = None, cfg.epochs
+    state, asked_epochs, main = None, cfg.epochs, distributed.is_main()
     if resume and paths["last"].exists():
         cfg, state, summary = resume_state(cfg, paths)
         if summary:
             log(f"{cfg.name} already finished ({paths['last']}); nothing to do")
-            return summary
+            return summary if main else None
     init = files.init_weights(cfg) if cfg.init and not state else None      # checked before anything is moved or read
-    run, first_batch = prepare(cfg, paths, device, init)
+    run, first_batch = prepare(cfg, paths, device, init, state.get("precision") if state else None)
     size_budget(run, state, log)
     if state and run.budget and asked_epochs != run.cfg.epochs:
         log(f"budget_s {cfg.budget_s:g} as at its start: its {run.cfg.epochs} epochs kept, not the {asked_epochs} "
             f"asked for")
     if state:
         head, started = restore(run, state), files.start_time(paths["summary"]) or files.now()
-    else:       # a fresh start: the files of an earlier run of this name move, whole, under <out>/old/
-        head, started = fresh_start(run.cfg, resume), files.now()
+    else:       # a fresh start: the files of an earlier run of this name move, whole, under <out>/old/ (by rank 0)
+        head, started = fresh_start(run.cfg, resume) if main else "", files.now()
     cfg, steps = run.cfg, data.steps_per_epoch(len(run.d["train"][0]), run.cfg.batch_size)
-    log(console.run_line(head, cfg, run.t.model, device, f"{cfg.epochs} epochs x {steps} steps of batch "
-                         f"{cfg.batch_size}", console.files_of(cfg)))
-    if not state:
+    ranks = f" on {distributed.world()} processes ({distributed.backend()})" if distributed.world() > 1 else ""
+    kept = state and state.get("precision")     # the precision chosen at the start, whatever auto says now
+    shown = dataclasses.replace(cfg, precision=kept) if kept else cfg
+    log(console.run_line(head, shown, run.t.model, device, f"{cfg.epochs} epochs x {steps} steps of batch "
+                         f"{cfg.batch_size}{ranks}" + (f", in {kept} as chosen at its start" if kept else ""),
+                         console.files_of(cfg)))
+    if not state and main:
         run.first_batch_loss = engine.check_first_batch(run.t.model, *first_batch, run.t.precision, log, cfg.init)
-    if run.t.compiled is not run.t.model:
+    if run.compile_s:
         log(f"compiled in {run.compile_s:.1f}s (kept apart from training time)")
-    files.write_json({"name": cfg.name, "status": "started", "started": started, "params": run.t.model.num_params(),
-                      "first_batch_loss": run.first_batch_loss, "device": str(device), "config": asdict(cfg),
-                      **run.budget, "versions": devices.versions()}, paths["summary"])
+    if main:
+        files.write_json({"name": cfg.name, "status": "started", "started": started,
+                          "params": run.t.model.num_params(), "first_batch_loss": run.first_batch_loss,
+                          "device": str(device), "precision": run.t.precision, "config": asdict(cfg), **run.budget,
+                          "versions": devices.versions()},
+                         paths["summary"])
     train_epochs(run, log)
-    return finish(run, device)
+    summary = finish(run, device) if main else None
+    distributed.barrier()       # the others wait for rank 0's test
+    return summary
 
 
 def resume_state(cfg, paths):
@@ -121,7 +133,7 @@ def resume_state(cfg, paths):
     return cfg, state, summary if "test_acc" in summary else None   # not the record of a run that died before its end
 
 
-def prepare(cfg, paths, device, init):
+def prepare(cfg, paths, device, init, precision=None):
     """The Run before its first step: data, model (from init, or its stem whitened), optimizer, EMA, compile and its
     warm-up, the budget's epochs; and the first training batch."""
     d = data.load(cfg, device)
@@ -131,16 +143,16 @@ def prepare(cfg, paths, device, init):
         engine.load_weights(model, init, cfg)
     elif cfg.stem_init == "whiten":     # from 5,000 training images spread over the split (a resumed run's are loaded)
         whiten_(model.stem[0], data.normalize(train_x[::max(1, len(train_x) // 5000)]))
-    precision = devices.pick_precision(cfg, device)[0]      # cfg.precision (auto) is what checkpoints keep
-    t = engine.Training(cfg, model, model, optim.make_optimizer(model, cfg, precision),
+    precision = precision or devices.pick_precision(cfg, device)[0]   # a resumed run's: chosen once, at its start
+    t = engine.Training(cfg, model, distributed.wrap(model, cfg, device), optim.make_optimizer(model, cfg, precision),
                         devices.grad_scaler(device, precision), copy.deepcopy(model) if cfg.ema else None, precision,
                         torch.zeros(4, device=device))    # EMA: weights and BN statistics, updated by update_ema
     first_batch = next(data.train_batches(train_x, train_y, cfg, 0, num_classes=len(d["classes"])))    # note: augments a whole epoch, so once
     t.origin = time.time()
     run = Run(cfg, paths, d, t)
     if devices.use_compile(cfg, device):     # before an earlier run's files move: the budget's timing needs it
-        t.compiled = devices.compile_model(model, cfg)
-        run.compile_s = engine.warm_up(model, t.compiled, cfg, *first_batch, precision)
+        t.compiled = devices.compile_model(t.compiled, cfg)     # of the DDP module where several processes
+        run.compile_s = engine.warm_up(model, t.compiled, cfg, *distributed.my_slice(*first_batch), precision)
     return run, first_batch
 
 
@@ -173,6 +185,7 @@ def restore(run, state):
     run.elapsed0 = state["elapsed_s"]
     t.origin -= run.elapsed0
     t.sums, run.epoch_s0 = state["epoch_sums"].to(t.sums.device), state.get("epoch_s", 0.0)
+    t.sums *= distributed.is_main()     # the saved sums are all the ranks': counted once, on rank 0
     if len(t.sums) == 3:      # a last.ckpt from before train_objective, whose loss sum was the objective's
         t.sums = torch.cat([t.sums, t.sums[:1]])
     run.first_batch_loss = state["first_batch_loss"]
@@ -192,9 +205,9 @@ def fresh_start(cfg, resume):
 def train_epochs(run, log):
     """The epochs from where the run stands to its end: each one's steps (engine), validation, CSV row, checkpoints and
     line. A stop signal saves last.ckpt at the step reached and raises Preempted."""
-    cfg, t, paths, d = run.cfg, run.t, run.paths, run.d
+    cfg, t, paths, d, main = run.cfg, run.t, run.paths, run.d, distributed.is_main()
     steps = data.steps_per_epoch(len(d["train"][0]), cfg.batch_size)
-    csv_file = files.open_csv(paths["csv"], run.epoch)
+    csv_file = files.open_csv(paths["csv"], run.epoch) if main else open(os.devnull, "w")
     writer = csv.DictWriter(csv_file, files.CSV_COLUMNS)
     tick = console.progress(cfg, t.sums.device, steps * cfg.epochs, run.epoch * steps + run.first_step, log,
                             run.elapsed0)
@@ -204,32 +217,39 @@ def train_epochs(run, log):
             t0 = time.time()
             kept = f"last good checkpoints kept in {paths['last'].parent}" if paths["last"].exists() else \
                 "no checkpoint yet"
-            step, lr, stopped = engine.train_one_epoch(t, *d["train"], run.epoch, run.first_step, len(d["classes"]),
-                                                       tick, log, lambda: bool(stops.stop_requested), kept)
-            if stopped:
-                save_last(run, step_in_epoch=step, epoch_sums=t.sums.cpu(), epoch_s=run.epoch_s0 + time.time() - t0)
-                raise stops.Preempted(stops.stop_requested[0], f"{paths['last']} at epoch {run.epoch + 1} step {step}")
+            step, lr, stopped = engine.train_one_epoch(     # a stop signal to any rank stops every rank
+                t, *d["train"], run.epoch, run.first_step, len(d["classes"]), tick, log,
+                lambda: distributed.any_true(bool(stops.stop_requested)), kept)
+            distributed.all_sum(t.sums)     # the epoch's train loss, accuracy and images: every rank's slice
+            if stopped:     # every rank at the same step (the flag is all-reduced each step); rank 0 saves
+                if main:
+                    save_last(run, step_in_epoch=step, epoch_sums=t.sums.cpu(), epoch_s=run.epoch_s0 + time.time() - t0)
+                distributed.barrier()
+                raise stops.Preempted(stops.stop_requested[0] if stops.stop_requested else "by another process",
+                                      f"{paths['last']} at epoch {run.epoch + 1} step {step}")
             devices.synchronize(t.sums.device)
             epoch_s = run.epoch_s0 + time.time() - t0
             run.epoch += 1
             row, val = end_of_epoch(run, lr, epoch_s)
             writer.writerow(row)
             csv_file.flush()
-            if val and val["acc"] > run.best["val_acc"]:
+            if val and val["acc"] > run.best["val_acc"]:        # rank 0's decision (the others validate nothing)
                 run.best = {**{f"val_{k}": v for k, v in val.items()}, "epoch": run.epoch}
                 eval_model = t.ema if t.ema is not None else t.model
                 files.save_checkpoint({**checkpoint_common(run), "model": eval_model.state_dict(), "epoch": run.epoch,
                                        "metrics": run.best}, paths["best"])
             run.first_step, run.epoch_s0 = 0, 0.0
             t.sums = torch.zeros(4, device=t.sums.device)
-            save_last(run, step_in_epoch=0, epoch_sums=t.sums.cpu(), finished=run.epoch == cfg.epochs)
+            if main:
+                save_last(run, step_in_epoch=0, epoch_sums=t.sums.cpu(), finished=run.epoch == cfg.epochs)
+            distributed.barrier()       # the others wait for rank 0's validation and checkpoints
             log(console.epoch_line(row, cfg.epochs, run.best["val_acc"]))
 
 
 def end_of_epoch(run, lr, epoch_s):
     """Validate where due; returns the epoch's CSV row and the validation's metrics ({} where not due)."""
     cfg, t = run.cfg, run.t
-    validated = run.epoch % cfg.val_every == 0 or run.epoch == cfg.epochs
+    validated = (run.epoch % cfg.val_every == 0 or run.epoch == cfg.epochs) and distributed.is_main()  # each image once
     eval_model = t.ema if t.ema is not None else t.model
     val = engine.evaluate(eval_model, *run.d["val"], cfg.tta, t.precision, cfg.tta_translate) if validated else {}
     train_loss, train_acc, _, objective = (t.sums / t.sums[2]).tolist()
@@ -243,7 +263,8 @@ def end_of_epoch(run, lr, epoch_s):
 
 def checkpoint_common(run):
     return {"format_version": files.FORMAT_VERSION, "config": asdict(run.cfg), "classes": run.d["classes"],
-            "versions": devices.versions(), "first_batch_loss": run.first_batch_loss, "budget": run.budget}
+            "versions": devices.versions(), "first_batch_loss": run.first_batch_loss, "budget": run.budget,
+            "precision": run.t.precision}
 
 
 def save_last(run, **position):

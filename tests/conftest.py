@@ -8,4 +8,5 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 
 def pytest_configure(config):
-    config.addinivalue_line("markers", "slow: minutes, not seconds (the SLURM tests); run by default, -m 'not slow' skips")
+    config.addinivalue_line("markers", "slow: end-to-end runs of several seconds (subprocesses, torchrun, SLURM); run by "
+                            "default, -m 'not slow' leaves them out (the quick tier for the edit-test loop)")

@@ -223,6 +223,7 @@ def test_eval_results_that_cannot_be_written_are_one_line(work, monkeypatch, cap
 
 @pytest.mark.parametrize("case", ["unknown experiment", "malformed experiments file", "truncated checkpoint",
                                   "output folder under a file"])
+@pytest.mark.slow
 def test_command_line_errors_print_exactly_one_line(work, case):
     w, args = work
     (w / "bad.json").write_text("{\n  \"experiments\": {,}\n}\n")
@@ -244,6 +245,7 @@ TINY_COMPILED = ["--exp", "smoke", "--compile", "--device", "cpu", "--set", "blo
                  "--set", "subset=64", "--set", "batch_size=32", "--epochs", "1", "--set", "lrfind_iters=10"]
 
 
+@pytest.mark.slow
 def test_compile_without_a_working_compiler_is_one_line_naming_it_and_suggesting_no_compile(tmp_path):
     env = {**ENV, "CXX": str(tmp_path / "no-such-g++"), "CC": str(tmp_path / "no-such-gcc"),
            "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor")}     # an empty cache: the compiler is needed
@@ -265,6 +267,7 @@ def test_lr_sweep_whose_compile_fails_is_one_line_suggesting_no_compile(tmp_path
 
 @pytest.mark.parametrize("in_the_way, expected", [("", "the data folder {data_dir} is a file"),
                                                    ("synthetic", "cannot generate the synthetic data in {data_dir}/")])
+@pytest.mark.slow
 def test_a_data_dir_that_is_a_file_is_one_line_that_does_not_blame_the_output_folder(tmp_path, in_the_way, expected):
     data_dir = tmp_path / "hostname"
     if in_the_way:

@@ -44,6 +44,7 @@ def test_a_budgeted_run_takes_its_epochs_from_the_measured_speed(data_dir, tmp_p
     assert (s["config"]["epochs"], s["budget_epochs"], s["budget_img_per_s"]) == (2, 2, 1000.0)
 
 
+@pytest.mark.slow
 def test_a_real_tiny_budget_trains_the_epochs_that_fit_at_the_speed_it_measured(data_dir, tmp_path):
     """Real timing, nothing patched. train_s may pass 2 s by a little on a loaded machine (epochs of 0.2 s against
     a 5% margin), so it is held to 1.5x: a budget ignored or sized wrongly misses by far more. Ending within the

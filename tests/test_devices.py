@@ -394,6 +394,7 @@ def fp16_run(out, data_dir, log=lambda line: None, resume=False):
     return trainer.train(config.resolve("smoke", pairs), resume=resume, log=log)
 
 
+@pytest.mark.slow
 def test_fp16_trains_on_the_cpu_and_a_sigterm_then_resume_ends_as_the_uninterrupted_run(data_dir, tmp_path):
     lines = []
     reference = fp16_run(tmp_path / "reference", data_dir, log=lines.append)
@@ -447,6 +448,7 @@ def test_a_nan_loss_in_fp16_still_stops_the_run(data_dir, tmp_path, monkeypatch)
 # ----------------------------------------------------------------------------
 # 5. Windows: no fcntl, no SIGUSR1 (tests/windows/sitecustomize.py)
 
+@pytest.mark.slow
 def test_every_script_starts_trains_evaluates_and_resumes_without_fcntl_and_sigusr1(data_dir, tmp_path):
     env = {**ENV, "PYTHONPATH": str(REPO / "tests" / "windows"), "CXX": "cl"}   # no Visual Studio: auto runs eager
 

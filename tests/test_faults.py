@@ -71,6 +71,7 @@ def assert_resume_matches(reference, out, data_dir):
 # ----------------------------------------------------------------------------
 # 1. SIGKILL during an epoch and during a checkpoint write
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGUSR1], ids=["SIGKILL", "SIGUSR1"])
 def test_kill_or_stop_signal_during_an_epoch_loses_at_most_that_epoch_and_resume_matches_an_uninterrupted_run(
         reference, data_dir, tmp_path, sig):
@@ -89,6 +90,7 @@ def test_kill_or_stop_signal_during_an_epoch_loses_at_most_that_epoch_and_resume
     assert_resume_matches(reference, tmp_path, data_dir)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("target", ["smoke.ckpt", "smoke.last.ckpt"])
 def test_sigkill_during_a_checkpoint_write_keeps_the_previous_checkpoint_and_resume_matches(
         reference, data_dir, tmp_path, target):
@@ -218,6 +220,7 @@ def craft(path, marker, kind):
             pickle.dump(evil, f)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["torch.save", "raw pickle"])
 def test_crafted_checkpoint_is_refused_by_run_eval_and_its_code_never_runs(tmp_path, kind):
     marker = tmp_path / "code_ran"
@@ -244,6 +247,7 @@ def test_crafted_last_checkpoint_is_refused_by_resume_and_its_code_never_runs(da
 # ----------------------------------------------------------------------------
 # 6. two runs of the same experiment into the same out/
 
+@pytest.mark.slow
 def test_second_run_into_the_same_out_is_refused_and_leaves_the_first_alone(data_dir, tmp_path, monkeypatch, capsys):
     first = popen("run_train.py", *SMALL, *EPOCHS, "--set", "log_every=1", "--data-dir", data_dir, "--out", tmp_path)
     watchdog(first)

@@ -68,6 +68,7 @@ def test_grid_settings_apply_and_command_line_flags_win_except_on_varied_keys():
         run_grid.grid_configs("smoke_grid", [("lr", 0.1)])
 
 
+@pytest.mark.slow
 def test_list_and_index_agree(tmp_path):
     listed = grid("--list", *small(tmp_path / "out", tmp_path / "data")).communicate()[0].splitlines()
     assert [line.split()[0] for line in listed] == ["0", "1", "2", "3"]
@@ -82,6 +83,7 @@ def test_list_and_index_agree(tmp_path):
     assert relisted[2].endswith("done") and relisted[1].endswith("-")
 
 
+@pytest.mark.slow
 def test_grid_says_which_config_of_how_many_with_the_grids_eta(finished):
     lines = finished[2].splitlines()
     assert lines[0].startswith("grid smoke_grid | 4 of 4 configs of lr x channels | cpu")
@@ -102,6 +104,7 @@ def test_grid_writes_one_summary_row_per_config_and_a_ranked_table(finished):
     assert ranked == [r["run"] for r in sorted(summary, key=lambda r: -float(r["best_val_acc"]))]
 
 
+@pytest.mark.slow
 def test_second_run_skips_finished_configs(finished):
     out, data_dir, _ = finished
     ckpts = {p: p.stat().st_mtime_ns for p in (out / "smoke_grid").glob("*.ckpt")}
@@ -114,6 +117,7 @@ def test_second_run_skips_finished_configs(finished):
     assert {p: p.stat().st_mtime_ns for p in ckpts} == ckpts
 
 
+@pytest.mark.slow
 def test_killed_grid_resumes_the_interrupted_config_to_the_uninterrupted_result(finished, tmp_path):
     out = tmp_path / "out"
     p = grid(*small(out, finished[1]))
@@ -172,6 +176,7 @@ def test_concurrent_summary_updates_lose_no_row(tmp_path):
     assert [r["run"] for r in rows(path)] == [f"r{i}" for i in range(40)]
 
 
+@pytest.mark.slow
 def test_unknown_grid_and_bad_index_are_one_error_line(tmp_path):
     for args, message in [(["--grid", "smoke_gird"], "did you mean 'smoke_grid'"),
                           (["--grid", "smoke_grid", "--index", "4"], "configs 0-3")]:
@@ -188,6 +193,7 @@ def test_shards_partition_the_configs_by_index_mod_n():
     assert run_grid.shard_indices(4, "1/2") == [1, 3] and run_grid.shard_indices(4, "5/8") == []
 
 
+@pytest.mark.slow
 def test_two_shards_at_once_write_one_summary_equal_to_the_whole_grids(finished, tmp_path):
     out = tmp_path / "out"
     shards = [grid("--shard", f"{i}/2", *small(out, finished[1])) for i in range(2)]
@@ -207,6 +213,7 @@ def test_two_shards_at_once_write_one_summary_equal_to_the_whole_grids(finished,
     (["--shard", "2"], "got '2'"),
     (["--shard", "0/2", "--index", "1"], "--index and --shard each choose the configs to run"),
 ])
+@pytest.mark.slow
 def test_a_malformed_shard_is_one_error_line(tmp_path, args, message):
     r = subprocess.run([sys.executable, str(ROOT / "run_grid.py"), "--grid", "smoke_grid", *args, "--out", str(tmp_path)],
                        capture_output=True, text=True)

@@ -70,6 +70,7 @@ def test_raw_stop_rule_ends_at_the_first_loss_past_4x_the_lowest_raw_loss_as_the
     assert len(sweep(model, cfg, x, y, 1e-6, 1.0, 12)[0]) > 5        # the smoothed loss reads the same steps calmly
 
 
+@pytest.mark.slow
 def test_report_sweeps_1e6_to_1_in_100_steps_unless_flags_say_otherwise(tmp_path, data_dir):
     args = ["--exp", "report", "--set", "dataset=synthetic", "--set", "subset=128", "--set", "blocks=[1]", "--set",
             "channels=[8]", "--data-dir", str(data_dir), "--out", str(tmp_path)]
@@ -90,6 +91,7 @@ def test_sweep_leaves_the_given_model_unchanged(data_dir):
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
+@pytest.mark.slow
 def test_command_writes_csv_and_json_and_touches_no_checkpoint(tmp_path, data_dir):
     out = tmp_path / "out"
     out.mkdir()
@@ -121,6 +123,7 @@ def test_bad_sweep_range_is_one_error_line(tmp_path):
     assert r.returncode != 0 and r.stderr.startswith("error: ") and "Traceback" not in r.stderr
 
 
+@pytest.mark.slow
 def test_ctrl_c_ends_the_sweep_with_one_line_and_status_130(tmp_path, data_dir):
     p = subprocess.Popen([sys.executable, str(ROOT / "run_lrfind.py"), "--exp", "smoke", "--iters", "1000",
                           "--out", str(tmp_path), "--data-dir", str(data_dir), "--set", "progress_s=1e-9"],

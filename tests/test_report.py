@@ -45,6 +45,7 @@ def rows(path):
         return list(csv.DictReader(f))
 
 
+@pytest.mark.slow
 def test_report_has_every_section_with_the_numbers_of_the_run_files(study):
     run_report.main(["--out", str(study), "--exp", "smoke", "smoke_sgd", "--grid", "smoke_grid"])
     got = sections((study / "report.md").read_text())

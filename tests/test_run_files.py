@@ -45,6 +45,7 @@ def finished_run(data_dir, tmp_path_factory):
 # ----------------------------------------------------------------------------
 # 1. a fresh run over a finished one
 
+@pytest.mark.slow
 def test_fresh_run_over_a_finished_one_retires_its_files_at_once(finished_run, data_dir, tmp_path, monkeypatch):
     shutil.copytree(finished_run, tmp_path / "out")
     out = tmp_path / "out"
@@ -86,6 +87,7 @@ def test_resume_without_a_last_checkpoint_moves_the_earlier_files_under_old(fini
 # ----------------------------------------------------------------------------
 # 2. run_eval.py on a last checkpoint
 
+@pytest.mark.slow
 def test_evaluating_a_last_checkpoint_writes_its_own_files_and_says_which_weights(finished_run, data_dir, tmp_path):
     shutil.copytree(finished_run, tmp_path / "out")
     out = tmp_path / "out"
@@ -100,6 +102,7 @@ def test_evaluating_a_last_checkpoint_writes_its_own_files_and_says_which_weight
     assert best["weights"] == "best epoch 1 (raw weights)"
 
 
+@pytest.mark.slow
 def test_evaluating_a_renamed_copy_names_its_files_after_the_copy_and_leaves_the_runs_alone(
         finished_run, data_dir, tmp_path):
     shutil.copytree(finished_run, tmp_path / "out")
@@ -139,6 +142,7 @@ def test_run_eval_reads_data_from_the_flag_then_cifar100_root_then_the_runs_fold
 # ----------------------------------------------------------------------------
 # 3. Ctrl-C
 
+@pytest.mark.slow
 def test_ctrl_c_saves_last_checkpoint_and_exits_130_with_one_line(data_dir, tmp_path):
     proc = popen("run_train.py", *SMALL, "--epochs", "2", "--set", "log_every=1", "--data-dir", data_dir,
                  "--out", tmp_path)
@@ -153,6 +157,7 @@ def test_ctrl_c_saves_last_checkpoint_and_exits_130_with_one_line(data_dir, tmp_
     assert last["epoch"] == 1 and 3 <= last["step_in_epoch"] < 8          # saved mid-epoch 2
 
 
+@pytest.mark.slow
 def test_a_second_ctrl_c_stops_at_once(data_dir, tmp_path):
     proc = popen("tests/stall_save.py", "smoke.ckpt", 2, *SMALL, "--epochs", "3", "--data-dir", data_dir,
                  "--out", tmp_path)

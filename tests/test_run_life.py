@@ -7,6 +7,7 @@ import torch
 
 import config
 import data
+import devices
 import engine
 import stops
 import trainer
@@ -65,3 +66,16 @@ def test_a_resume_under_the_same_budget_says_which_epochs_it_keeps(data_dir, tmp
     trainer.train(small(tmp_path, data_dir, ("budget_s", 0.9), epochs=5), resume=True, log=lines.append)
     assert "budget_s 0.9 as at its start: its 3 epochs kept, not the 5 asked for" in lines
     assert len(csv_rows(tmp_path / "smoke.csv")) == 3
+
+
+def test_a_resumed_run_keeps_the_precision_chosen_at_its_start(data_dir, tmp_path, monkeypatch):
+    monkeypatch.setattr(stops, "stop_requested", [])
+    monkeypatch.setattr(devices, "pick_precision", lambda cfg, device: ("fp32", "auto fp32: the first node"))
+    with pytest.raises(stops.Preempted):
+        trainer.train(small(tmp_path, data_dir, ("precision", "auto"), epochs=2),
+                      log=lambda line: line.startswith("ep 1/") and stops.stop_requested.append(signal.SIGUSR1))
+    monkeypatch.setattr(stops, "stop_requested", [])
+    monkeypatch.setattr(devices, "pick_precision", lambda cfg, device: ("bf16", "auto bf16: a busier node"))
+    lines = []
+    s = trainer.train(small(tmp_path, data_dir, ("precision", "auto"), epochs=2), resume=True, log=lines.append)
+    assert s["precision"] == "fp32" and "as chosen at its start" in lines[0]

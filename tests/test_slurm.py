@@ -145,3 +145,27 @@ def test_grid_array_runs_one_config_per_task_and_fills_the_summary(cluster):
         assert (clone / "out" / "array" / "smoke_grid" / f"{r['run']}.ckpt").is_file()
     logs = "".join(log(clone, t["JobId"]) for t in tasks)
     assert all(f"run_grid.py --grid smoke_grid --index {i}" in logs for i in range(4))
+
+
+def test_two_task_job_runs_under_srun_and_usr1_requeues_and_resumes_to_the_uninterrupted_result(cluster):
+    clone, submit = cluster
+    two = ("--ntasks=2", "--cpus-per-task=1", "slurm.sh", *SMALL)     # one rank per task, both on this node's CPUs
+    whole = submit(*two, "--out", "out/ddp", EXP="smoke")
+    assert wait_for(whole)[0]["JobState"] == "COMPLETED", log(clone, whole)
+    assert "== srun " in log(clone, whole) and log(clone, whole).count("on 2 processes (gloo)") == 1
+    job = submit(*two, "--out", "out/ddpsig", EXP="smoke")
+    csv_path = clone / "out" / "ddpsig" / "smoke.csv"
+    t0 = time.time()
+    while not (csv_path.exists() and len(rows(csv_path)) >= 1):
+        assert time.time() - t0 < 180, "the job wrote no epoch in 180 s"
+        time.sleep(0.2)
+    subprocess.run(["scancel", "--signal=USR1", "--batch", job], check=True, timeout=60)
+    info = wait_for(job)[0]
+    text = log(clone, job)
+    assert (info["JobState"], info["Restarts"]) == ("COMPLETED", "1"), text
+    assert "== requeued" in text and text.count("stopped by SIGUSR1: saved") == 1, text   # rank 0's line alone
+    assert [r["epoch"] for r in rows(csv_path)] == ["1", "2", "3", "4"]
+    assert rows(csv_path) == rows(clone / "out" / "ddp" / "smoke.csv")
+    resumed, uninterrupted = (json.loads((clone / d / "smoke.json").read_text()) for d in ("out/ddpsig", "out/ddp"))
+    for key in ("best_val_acc", "best_epoch", "test_acc", "test_loss"):
+        assert resumed[key] == uninterrupted[key], key

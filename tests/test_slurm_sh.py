@@ -36,6 +36,7 @@ def test_fresh_1_starts_without_resume_and_its_requeued_job_resumes(tmp_path, va
     assert ("--resume" in args) == resumes
 
 
+@pytest.mark.slow
 def test_other_settings_under_slurm_name_fresh_1(tmp_path, monkeypatch, capsys):
     argv = [*SMALL, "--epochs", "1", "--data-dir", synthetic_data(tmp_path / "data"), "--out", tmp_path / "out"]
     assert run("run_train.py", *argv).returncode == 0

@@ -96,6 +96,7 @@ def test_ema_update_averages_weights_and_bn_statistics():
         assert torch.allclose(v, expected, atol=1e-6), k
 
 
+@pytest.mark.slow
 def test_bench_prints_a_table_and_writes_pipeline_speedup_mode_throughputs_roofline_and_profile(tmp_path):
     r = subprocess.run([sys.executable, str(ROOT / "bench.py"), "--exp", "smoke", "--device", "cpu",
                         "--batch-size", "16", "--steps", "1", "--warmup", "1", "--images", "512",
@@ -141,6 +142,7 @@ def test_gpu_check_script_is_valid_bash():
     assert r.returncode == 0, r.stderr
 
 
+@pytest.mark.slow
 def test_bench_times_each_augmentation_against_crop_and_flip(tmp_path):
     r = subprocess.run([sys.executable, str(ROOT / "bench.py"), "--exp", "smoke", "--device", "cpu", "--modes", "fp32",
                         "--batch-size", "16", "--steps", "1", "--images", "256", "--report-images", "64",

@@ -47,6 +47,7 @@ def smoke_run(tmp_path_factory):
     return tmp, r, json.loads((tmp / "out" / "smoke.json").read_text())
 
 
+@pytest.mark.slow
 def test_smoke_run_writes_csv_checkpoints_and_summary(smoke_run):
     tmp, r, summary = smoke_run
     rows = csv_rows(tmp / "out" / "smoke.csv", drop=())
@@ -64,6 +65,7 @@ def test_a_few_epochs_lift_validation_accuracy_far_above_chance(smoke_run):
     assert smoke_run[2]["best_val_acc"] > 0.30            # chance is 0.01
 
 
+@pytest.mark.slow
 def test_checkpoint_alone_reproduces_the_runs_accuracy(smoke_run):
     tmp, _, summary = smoke_run
     ckpt = tmp / "out" / "smoke.ckpt"
@@ -96,6 +98,7 @@ def test_predict_batches_the_images_alone_and_gives_the_models_logits():
     assert torch.allclose(plain, model(data.normalize(x)), atol=1e-5)
 
 
+@pytest.mark.slow
 def test_resume_from_last_checkpoint_matches_an_uninterrupted_run(tmp_path):
     whole = trainer.train(smoke_cfg(tmp_path / "a"), log=lambda s: None)
 
@@ -115,6 +118,7 @@ def test_resume_from_last_checkpoint_matches_an_uninterrupted_run(tmp_path):
         (whole["best_val_acc"], whole["test_acc"], whole["test_loss"])
 
 
+@pytest.mark.slow
 def test_val_every_validates_every_nth_and_the_last_epoch_picks_the_best_among_them_and_resumes(tmp_path):
     kw = {"epochs": 5, "val_every": 2, "subset": 640, "channels": [8, 16]}
     whole = trainer.train(smoke_cfg(tmp_path / "a", **kw), log=lambda s: None)
@@ -201,6 +205,7 @@ def test_config_precedence_and_compile_default():
     (["--exp", "smoke", "--set", "blocks=[1,1,1]"], "same length"),
     (["--exp", "best", "--data-dir", "{tmp}/empty", "--set", "download=false"], "CIFAR-100 not found.*--data-dir"),
 ])
+@pytest.mark.slow
 def test_bad_input_exits_nonzero_with_one_line(tmp_path, args, message):
     r = run("run_train.py", "--out", str(tmp_path / "out"), *[a.format(tmp=tmp_path) for a in args])
     assert r.returncode != 0 and len(r.stderr.strip().splitlines()) == 1

@@ -89,6 +89,7 @@ def top1(model, x, y, flip):
     return (logits.argmax(1) == y).float().mean().item()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("tta", [True, False])
 def test_every_evaluation_records_top1_without_and_with_flip_tta(data_dir, tmp_path, monkeypatch, capsys, tta):
     cfg = small(tmp_path, data_dir, ("tta", tta))
@@ -214,6 +215,7 @@ def test_init_from_another_architecture_or_no_file_is_one_error_line_and_moves_n
 # ----------------------------------------------------------------------------
 # 3. a grid over seeds: mean +- std (n)
 
+@pytest.mark.slow
 def test_a_grid_over_seeds_gives_mean_and_std_rows_in_its_csv_its_table_and_the_report(
         data_dir, tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(sys, "argv", ["run_grid.py", "--grid", "smoke_seeds", "--set", "subset=256", "--set",
