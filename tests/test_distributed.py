@@ -188,7 +188,7 @@ def test_usr1_to_one_worker_stops_both_at_the_same_step_and_rank_0_saves(data_di
 
 @pytest.mark.slow
 def test_ctrl_c_in_the_terminal_saves_once_and_is_not_taken_for_a_second_ctrl_c(data_dir, tmp_path):
-    proc = torchrun(*SMALL, "--set", "log_every=1", "--data-dir", data_dir, "--out", tmp_path, start_new_session=True)
+    proc = torchrun(*SMALL, "--set", "log_every=1", "--data-dir", data_dir, "--out", tmp_path, process_group=0)
     for line in proc.stdout:
         if line.startswith("  ep 2/3 step "):
             os.killpg(proc.pid, signal.SIGINT)     # as a terminal does: torchrun and its workers, then torchrun's own
