@@ -113,15 +113,20 @@ def test_finished_run_submitted_again_does_nothing(cluster, plain):
     assert {p: p.stat().st_mtime_ns for p in files} == files
 
 
+def usr1_after_epoch_1(job, csv_path):
+    """USR1 to the job's batch shell once its epoch 1 is in the CSV: a stop in the middle of the run."""
+    t0 = time.time()
+    while not (csv_path.exists() and len(rows(csv_path)) >= 1):
+        assert time.time() - t0 < 180, "the job wrote no epoch in 180 s"
+        time.sleep(0.2)
+    subprocess.run(["scancel", "--signal=USR1", "--batch", job], check=True, timeout=60)
+
+
 def test_usr1_mid_run_saves_requeues_and_resumes_to_the_uninterrupted_result(cluster, plain):
     clone, submit = cluster
     job = submit("slurm.sh", *SMALL, "--out", "out/sig", EXP="smoke")
     csv_path = clone / "out" / "sig" / "smoke.csv"
-    t0 = time.time()
-    while not (csv_path.exists() and len(rows(csv_path)) >= 1):      # epoch 1 done: stop in the middle of the run
-        assert time.time() - t0 < 180, "the job wrote no epoch in 180 s"
-        time.sleep(0.2)
-    subprocess.run(["scancel", "--signal=USR1", "--batch", job], check=True, timeout=60)
+    usr1_after_epoch_1(job, csv_path)
     info = wait_for(job)[0]
     text = log(clone, job)
     assert (info["JobState"], info["Restarts"]) == ("COMPLETED", "1"), text
@@ -155,11 +160,7 @@ def test_two_task_job_runs_under_srun_and_usr1_requeues_and_resumes_to_the_unint
     assert "== srun " in log(clone, whole) and log(clone, whole).count("on 2 processes (gloo)") == 1
     job = submit(*two, "--out", "out/ddpsig", EXP="smoke")
     csv_path = clone / "out" / "ddpsig" / "smoke.csv"
-    t0 = time.time()
-    while not (csv_path.exists() and len(rows(csv_path)) >= 1):
-        assert time.time() - t0 < 180, "the job wrote no epoch in 180 s"
-        time.sleep(0.2)
-    subprocess.run(["scancel", "--signal=USR1", "--batch", job], check=True, timeout=60)
+    usr1_after_epoch_1(job, csv_path)
     info = wait_for(job)[0]
     text = log(clone, job)
     assert (info["JobState"], info["Restarts"]) == ("COMPLETED", "1"), text
