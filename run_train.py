@@ -65,9 +65,10 @@ def main():
             print(stops.STOPPED_AT_ONCE, file=sys.stderr)
         sys.exit(stops.INTERRUPTED_EXIT)
     except RuntimeError as e:           # a collective whose peer died: one line, not a traceback per rank
-        if not distributed.peer_failure(e):
+        line = distributed.peer_failure(e)
+        if not line:
             raise
-        sys.exit(f"error: {distributed.peer_failure(e)}")
+        sys.exit(f"error: {line}")
     finally:
         distributed.cleanup()
     if s:       # rank 0's
