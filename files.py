@@ -5,6 +5,7 @@ the lock that keeps two runs from writing the same files, checkpoints read with 
 """
 import contextlib
 import csv
+import dataclasses
 import datetime
 import errno
 import json
@@ -28,6 +29,9 @@ from config import Config, UserError, check_value, validate
 FORMAT_VERSION = 1
 CSV_COLUMNS = ["epoch", "lr", "train_loss", "train_acc", "train_objective", "val_loss", "val_acc", "val_top5",
                "val_acc_plain", "val_acc_tta", "epoch_s", "img_per_s", "elapsed_s"]
+# the settings a --resume may change; any other is refused (the run would not be the one its last.ckpt began)
+RESUMABLE_CHANGES = {"data_dir", "download", "device", "compile", "threads", "log_every", "progress_s", "out_dir",
+                     "note", "deterministic", "lrfind_start", "lrfind_end", "lrfind_iters", "lrfind_diverge", "lrfind_stop"}
 
 
 def run_paths(cfg):
@@ -240,3 +244,22 @@ def init_weights(cfg):
         raise UserError(f"config key 'init': {cfg.init} holds another architecture ({its}) than this run ({mine}): "
                         f"give the run the checkpoint's")
     return trained_weights(ckpt)
+
+
+def resume_state(cfg, paths):
+    """(cfg, the .last.ckpt's state, the summary of a run that already finished or None). A budgeted run keeps the
+    epochs chosen at its start; other changed settings are one error line."""
+    state = load_checkpoint(paths["last"])
+    if not {"optimizer", "rng", "epoch_sums"} <= state.keys():
+        raise UserError(f"{paths['last']} holds no training state (optimizer, RNG): it is not a .last.ckpt")
+    if cfg.budget_s and state["config"].get("budget_s") == cfg.budget_s:    # the epochs chosen at its start
+        cfg = dataclasses.replace(cfg, epochs=state["config"]["epochs"])
+    changed = {k for k, v in state["config"].items() if getattr(cfg, k, None) != v} - RESUMABLE_CHANGES
+    if changed:
+        again = "FRESH=1 sbatch slurm.sh (a grid: another --out)" if os.environ.get("SLURM_JOB_ID") else \
+            "run without --resume"
+        raise UserError(f"{paths['last']} was made with other settings ({', '.join(sorted(changed))}); "
+                        f"resume with the same config, or {again} to start again")
+    finished = state.get("finished") and paths["summary"].exists()
+    summary = json.loads(paths["summary"].read_text()) if finished else {}
+    return cfg, state, summary if "test_acc" in summary else None   # not the record of a run that died before its end

@@ -7,7 +7,6 @@ import contextlib
 import copy
 import csv
 import dataclasses
-import json
 import os
 import time
 from dataclasses import asdict
@@ -27,9 +26,6 @@ from config import UserError
 from resnet import whiten_
 
 OUT_OF_MEMORY = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)    # any device's (older torch: CUDA's)
-RESUMABLE_CHANGES = {"data_dir", "download", "device", "compile", "threads", "log_every", "progress_s", "out_dir",
-                     "note", "deterministic", "lrfind_start", "lrfind_end", "lrfind_iters", "lrfind_diverge", "lrfind_stop"}
-
 
 # ----------------------------------------------------------------------------
 # a run, start to end
@@ -37,7 +33,6 @@ RESUMABLE_CHANGES = {"data_dir", "download", "device", "compile", "threads", "lo
 @dataclasses.dataclass
 class Run:
     """Where a run stands: its config, files, data, what trains (engine.Training), and its position and record."""
-    cfg: object
     paths: dict
     d: dict
     t: engine.Training
@@ -49,6 +44,10 @@ class Run:
     budget: dict = dataclasses.field(default_factory=dict)
     first_batch_loss: float = 0.0
     compile_s: float = 0.0
+
+    @property
+    def cfg(self):
+        return self.t.cfg       # one config: the budget's epochs replace it there
 
 
 def train(cfg, resume=False, log=print):
@@ -77,7 +76,7 @@ def train(cfg, resume=False, log=print):
 def train_locked(cfg, device, paths, resume, log):
     state, asked_epochs, main = None, cfg.epochs, distributed.is_main()
     if resume and paths["last"].exists():
-        cfg, state, summary = resume_state(cfg, paths)
+        cfg, state, summary = files.resume_state(cfg, paths)
         if summary:
             log(f"{cfg.name} already finished ({paths['last']}); nothing to do")
             return summary if main else None
@@ -114,25 +113,6 @@ def train_locked(cfg, device, paths, resume, log):
     return summary
 
 
-def resume_state(cfg, paths):
-    """(cfg, the .last.ckpt's state, the summary of a run that already finished or None). A budgeted run keeps the
-    epochs chosen at its start; other changed settings are one error line."""
-    state = files.load_checkpoint(paths["last"])
-    if not {"optimizer", "rng", "epoch_sums"} <= state.keys():
-        raise UserError(f"{paths['last']} holds no training state (optimizer, RNG): it is not a .last.ckpt")
-    if cfg.budget_s and state["config"].get("budget_s") == cfg.budget_s:    # the epochs chosen at its start
-        cfg = dataclasses.replace(cfg, epochs=state["config"]["epochs"])
-    changed = {k for k, v in state["config"].items() if getattr(cfg, k, None) != v} - RESUMABLE_CHANGES
-    if changed:
-        again = "FRESH=1 sbatch slurm.sh (a grid: another --out)" if os.environ.get("SLURM_JOB_ID") else \
-            "run without --resume"
-        raise UserError(f"{paths['last']} was made with other settings ({', '.join(sorted(changed))}); "
-                        f"resume with the same config, or {again} to start again")
-    finished = state.get("finished") and paths["summary"].exists()
-    summary = json.loads(paths["summary"].read_text()) if finished else {}
-    return cfg, state, summary if "test_acc" in summary else None   # not the record of a run that died before its end
-
-
 def prepare(cfg, paths, device, init, precision=None):
     """The Run before its first step: data, model (from init, or its stem whitened), optimizer, EMA, compile and its
     warm-up, the budget's epochs; and the first training batch."""
@@ -149,7 +129,7 @@ def prepare(cfg, paths, device, init, precision=None):
                         torch.zeros(4, device=device))    # EMA: weights and BN statistics, updated by update_ema
     first_batch = next(data.train_batches(train_x, train_y, cfg, 0, num_classes=len(d["classes"])))    # note: augments a whole epoch, so once
     t.origin = time.time()
-    run = Run(cfg, paths, d, t)
+    run = Run(paths, d, t)
     if devices.use_compile(cfg, device):     # before an earlier run's files move: the budget's timing needs it
         t.compiled = devices.compile_model(t.compiled, cfg)     # of the DDP module where several processes
         run.compile_s = engine.warm_up(model, t.compiled, cfg, *distributed.my_slice(*first_batch), precision)
@@ -164,7 +144,7 @@ def size_budget(run, state, log):
     if cfg.budget_s and not state:
         img_per_s = engine.measure_speed(t.model, t.compiled, cfg, *run.d["train"], t.precision, t.ema,
                                          len(run.d["classes"]))
-        run.cfg = t.cfg = dataclasses.replace(cfg, epochs=console.budget_epochs(cfg.budget_s, img_per_s,
+        t.cfg = dataclasses.replace(cfg, epochs=console.budget_epochs(cfg.budget_s, img_per_s,
                                                                                  len(run.d["train"][0])))
         run.budget = {"budget_img_per_s": round(img_per_s, 1), "budget_epochs": run.cfg.epochs}
     if run.budget:
