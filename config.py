@@ -87,7 +87,7 @@ class Config:
     compile: str = "auto"          # "auto" (on where devices.py finds it can run), "on", "off", or a torch.compile mode:
                                    # "reduce-overhead" (CUDA graphs), "max-autotune-no-cudagraphs" (see bench.py)
     sync_bn: bool = False          # several CUDA processes: BatchNorm over the global batch (else rank 0's slice's)
-    threads: int = 0               # CPU threads; 0 = OMP_NUM_THREADS if set, else the CPUs this process may run on
+    threads: int = 0               # CPU threads; 0 = OMP_NUM_THREADS if set, else one per physical core it may run on
     seed: int = 0
     deterministic: bool = False    # cudnn.deterministic + torch deterministic algorithms (slower)
     log_every: int = 0             # also a step line every N steps; 0 = off

@@ -75,7 +75,10 @@ def from_matrix(m, shape):
 class Muon(torch.optim.Optimizer):
     """Muon (Keller Jordan): Nesterov momentum of each filter bank, orthogonalised as a matrix and scaled by
     sqrt(max(1, rows / columns)), with decoupled weight decay, as torch.optim.Muon does for the 2-D parameters it
-    accepts; convolution filters are 4-D, hence this one (airbench94_muon flattens them the same way)."""
+    accepts; convolution filters are 4-D, hence this one (airbench94_muon flattens them the same way).
+    Under fp16 a GradScaler hands it grad_scale and found_inf (as to torch's fused optimizers): it unscales, and
+    leaves weights and momentum as they were where found_inf is set, on the device, without waiting on it."""
+    _step_supports_amp_scaling = True
 
     def __init__(self, params, lr, momentum=0.95, weight_decay=0.0, ns_steps=5, ns_dtype=torch.float32):
         super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay, ns_steps=ns_steps))
@@ -83,21 +86,26 @@ class Muon(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
+        grad_scale, found_inf = getattr(self, "grad_scale", None), getattr(self, "found_inf", None)
         for group in self.param_groups:
             lr, momentum = group["lr"], group["momentum"]
             for p in group["params"]:
                 if p.grad is None:
                     continue
-                grad = as_matrix(p.grad)
+                grad = as_matrix(p.grad) if grad_scale is None else as_matrix(p.grad) / grad_scale
                 state = self.state[p]
                 if not state:
                     state["momentum_buffer"] = torch.zeros_like(grad)
                 buf = state["momentum_buffer"]
+                before = None if found_inf is None else (p.clone(), buf.clone())
                 buf.lerp_(grad, 1 - momentum)
                 update = orthogonalize(grad.lerp(buf, momentum), group["ns_steps"], self.ns_dtype)
                 p.mul_(1 - lr * group["weight_decay"])
                 rows, cols = update.shape
                 p.add_(from_matrix(update.to(p.dtype), p.shape), alpha=-lr * max(1.0, rows / cols) ** 0.5)
+                if before is not None:      # the step of an overflowed fp16 backward is skipped
+                    p.copy_(torch.where(found_inf > 0, before[0], p))
+                    buf.copy_(torch.where(found_inf > 0, before[1], buf))
 
 
 class Optimizers:
@@ -111,13 +119,24 @@ class Optimizers:
     def param_groups(self):
         return [group for opt in self.optimizers for group in opt.param_groups]
 
+    @property
+    def _step_supports_amp_scaling(self):
+        """Where each optimizer takes a GradScaler's grad_scale and found_inf (Muon; SGD when fused, as on CUDA), the
+        scaler hands them over instead of reading found_inf on the host before every step."""
+        return all(getattr(opt, "_step_supports_amp_scaling", False) for opt in self.optimizers)
+
     def zero_grad(self, set_to_none=True):
         for opt in self.optimizers:
             opt.zero_grad(set_to_none=set_to_none)
 
     def step(self, closure=None):
+        handed = {name: getattr(self, name) for name in ("grad_scale", "found_inf") if hasattr(self, name)}
         for opt in self.optimizers:
+            for name, value in handed.items():
+                setattr(opt, name, value)
             opt.step()
+            for name in handed:
+                delattr(opt, name)
 
     def state_dict(self):
         return {"optimizers": [opt.state_dict() for opt in self.optimizers]}

@@ -76,3 +76,51 @@ def test_a_run_records_its_training_flops_as_one_steps_count_times_its_steps(tmp
     s = quiet(cfg)
     assert s["train_flops"] == roofline.step_flops(engine.build_model(cfg), cfg) * 16 > 0
     assert json.loads((tmp_path / "out" / "smoke.json").read_text())["train_flops"] == s["train_flops"]
+
+
+def muon_and_fused_sgd(seed=0):
+    """A tiny model under what make_optimizer gives a CUDA run: Muon for the filters, fused Nesterov SGD for the rest."""
+    torch.manual_seed(seed)
+    model = engine.build_model(Config(blocks=[1], channels=[8], stem_stride=2))
+    filters = [p for p in model.parameters() if p.ndim == 4]
+    rest = [p for p in model.parameters() if p.ndim != 4]
+    return model, optim.Optimizers(optim.Muon(filters, lr=0.05), torch.optim.SGD(rest, lr=0.1, momentum=0.9,
+                                                                                  nesterov=True, fused=True))
+
+
+def scaled_step(model, opt, scaler, poison=False):
+    opt.zero_grad()
+    torch.manual_seed(1)
+    loss = torch.nn.functional.cross_entropy(model(torch.randn(4, 3, 32, 32)), torch.tensor([0, 1, 2, 3]))
+    scaler.scale(loss).backward()
+    if poison:
+        model.fc.weight.grad[0, 0] = float("inf")
+    scaler.step(opt)
+    scaler.update()
+
+
+def test_a_grad_scaler_steps_muon_and_fused_sgd_without_reading_found_inf_on_the_host(monkeypatch):
+    model, opt = muon_and_fused_sgd()
+    def no_sync(self):
+        raise AssertionError("a host sync in the optimizer step")
+    monkeypatch.setattr(torch.Tensor, "item", no_sync)
+    scaled_step(model, opt, torch.amp.GradScaler("cpu", init_scale=2.0 ** 10))
+
+
+def test_scaled_steps_equal_plain_steps_and_one_that_overflowed_changes_nothing():
+    plain, plain_opt = muon_and_fused_sgd()
+    scaled_step(plain, plain_opt, torch.amp.GradScaler("cpu", enabled=False))
+    model, opt = muon_and_fused_sgd()
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 10)
+    scaled_step(model, opt, scaler)
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(model.parameters(), plain.parameters()))
+    weights = [p.detach().clone() for p in model.parameters()]
+    buffers = [s["momentum_buffer"].clone() for o in opt.optimizers for s in o.state.values()]
+    scaled_step(model, opt, scaler, poison=True)
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), weights))
+    assert all(torch.equal(a, s["momentum_buffer"]) for a, s in zip(buffers, (s for o in opt.optimizers
+                                                                               for s in o.state.values())))
+    assert scaler.get_scale() == 2.0 ** 9
+    scaled_step(plain, plain_opt, torch.amp.GradScaler("cpu", enabled=False))
+    scaled_step(model, opt, scaler)       # at half the scale: the momentum holds unscaled gradients
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(model.parameters(), plain.parameters()))
