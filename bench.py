@@ -233,23 +233,6 @@ def save(result, args):
         files.write_json(result, out)
 
 
-def time_pipelines(result, args, cfg, device, x, y):
-    """Our input pipeline against the report's, then each augmentation's cost, into result."""
-    n_ours, n_report, n_aug = args.images, args.report_images, args.aug_images
-    ours = bench_pipeline.time_ours(x[:n_ours].to(device), y[:n_ours].to(device), cfg.batch_size, epochs=5)
-    report = bench_pipeline.time_report(x[:n_report], y[:n_report], cfg.batch_size, args.workers, device, repeats=5)
-    result["pipeline"] = {"ours_img_per_s": round(ours), "report_img_per_s": round(report), "workers": args.workers,
-                          "ours_images": min(n_ours, len(x)), "report_images": min(n_report, len(x))}
-    result["pipeline_speedup"] = round(ours / report, 2)
-    print(f"pipeline | ours {ours:,.0f} img/s | report {report:,.0f} img/s | "
-          f"pipeline_speedup {result['pipeline_speedup']:.1f}x", flush=True)
-    save(result, args)
-    if args.augmentations:
-        result["augmentation"] = bench_pipeline.time_augmentations(x[:n_aug].to(device), y[:n_aug].to(device),
-                                                                   cfg.batch_size, args.augmentations, args.policy_groups)
-        save(result, args)
-
-
 def time_modes(result, args, cfg, device, amp):
     """Training images/s of each mode of MODES that applies, and its ratio to eager fp32, into result."""
     cuda = device.type == "cuda"
@@ -311,7 +294,8 @@ def main():
     print(f"bench | {args.exp} model: blocks {cfg.blocks} channels {cfg.channels}, {params / 1e6:.2f}M params, "
           f"{cfg.optimizer} | batch {cfg.batch_size} | {result['device']} | torch {v['torch']} cuda {v['cuda']}",
           flush=True)
-    time_pipelines(result, args, cfg, device, x, y)
+    result.update(bench_pipeline.measure(args, cfg, device, x, y))
+    save(result, args)
     time_modes(result, args, cfg, device, amp)
     finish(result, args, cfg, device, x, y)
 

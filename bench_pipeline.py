@@ -84,3 +84,20 @@ def time_augmentations(x, y, batch_size, keys, groups):
                          "img_per_s": round(rate), "ratio": round(rate / base, 3) if base else None})
             print(f"augmentation | {rows[-1]['label']} | {rate:,.0f} img/s", flush=True)
     return rows
+
+
+def measure(args, cfg, device, x, y):
+    """Our input pipeline against the report's, then each augmentation's cost, as bench.py's arguments ask: the
+    "pipeline", "pipeline_speedup" and "augmentation" figures of bench.json."""
+    n_ours, n_report, n_aug = args.images, args.report_images, args.aug_images
+    ours = time_ours(x[:n_ours].to(device), y[:n_ours].to(device), cfg.batch_size, epochs=5)
+    report = time_report(x[:n_report], y[:n_report], cfg.batch_size, args.workers, device, repeats=5)
+    result = {"pipeline": {"ours_img_per_s": round(ours), "report_img_per_s": round(report), "workers": args.workers,
+                           "ours_images": min(n_ours, len(x)), "report_images": min(n_report, len(x))},
+              "pipeline_speedup": round(ours / report, 2)}
+    print(f"pipeline | ours {ours:,.0f} img/s | report {report:,.0f} img/s | "
+          f"pipeline_speedup {result['pipeline_speedup']:.1f}x", flush=True)
+    if args.augmentations:
+        result["augmentation"] = time_augmentations(x[:n_aug].to(device), y[:n_aug].to(device), cfg.batch_size,
+                                                    args.augmentations, args.policy_groups)
+    return result

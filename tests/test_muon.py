@@ -78,9 +78,9 @@ def test_a_run_records_its_training_flops_as_one_steps_count_times_its_steps(tmp
     assert json.loads((tmp_path / "out" / "smoke.json").read_text())["train_flops"] == s["train_flops"]
 
 
-def muon_and_fused_sgd(seed=0):
-    """A tiny model under what make_optimizer gives a CUDA run: Muon for the filters, fused Nesterov SGD for the rest."""
-    torch.manual_seed(seed)
+def muon_and_fused_sgd():
+    """A tiny model under what make_optimizer gives a CUDA run: Muon for its filters, fused Nesterov SGD the rest."""
+    torch.manual_seed(0)
     model = engine.build_model(Config(blocks=[1], channels=[8], stem_stride=2))
     filters = [p for p in model.parameters() if p.ndim == 4]
     rest = [p for p in model.parameters() if p.ndim != 4]
