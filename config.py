@@ -41,6 +41,8 @@ class Config:
     blocks: list = field(default_factory=lambda: [3, 3, 3])
     channels: list = field(default_factory=lambda: [64, 128, 256])
     stem_stride: int = 1           # 1: the report's 3x3 conv stem; s > 1: an s x s patch conv of stride s (s^2 x fewer pixels)
+    shortcut: str = "conv"         # a stage's first block's projection: "conv" (1x1, strided) or "avgpool" (ResNet-D:
+                                   # 2x2 average pool, then 1x1: the same weights and convolution FLOPs)
     stem_init: str = ""            # "whiten": the stem's filters from the whitening of training patches (airbench), as
                                    # +/- pairs of eigenvectors (2 x 3k^2 of them for a k x k stem); "" = random
     init: str = ""                 # a checkpoint (.ckpt or .last.ckpt) of the same architecture whose weights start
@@ -101,7 +103,8 @@ class Config:
 CHOICES = {"dataset": ("cifar100", "synthetic"), "optimizer": ("sgd", "adam", "adamw", "muon"), "lrfind_stop": ("smooth", "raw"),
            "schedule": ("constant", "cosine", "onecycle", "wsd", "multistep"), "device": ("auto", "cuda", "xpu", "mps", "cpu"),
            "precision": ("auto", "bf16", "fp16", "fp32"),
-           "flip": ("random", "alternate"), "stem_init": ("", "whiten"), "auto_augment": ("", "ta_wide", "ra", "aa_cifar10"),
+           "flip": ("random", "alternate"), "stem_init": ("", "whiten"), "shortcut": ("conv", "avgpool"),
+           "auto_augment": ("", "ta_wide", "ra", "aa_cifar10"),
            "compile": ("auto", "on", "off", "reduce-overhead", "max-autotune-no-cudagraphs")}
 FIELD_TYPES = {f.name: type(f.default) if f.default is not dataclasses.MISSING else list
                for f in dataclasses.fields(Config)}

@@ -47,7 +47,8 @@ def device_text(cfg, device):
 
 def run_line(head, cfg, model, device, work, files):
     """The first line: what runs, the model, the device, how much work, where the files go."""
-    stem = f" patch stem {cfg.stem_stride}" if cfg.stem_stride > 1 else ""
+    stem = (f" patch stem {cfg.stem_stride}" if cfg.stem_stride > 1 else "") + \
+        " avgpool shortcuts" * (cfg.shortcut == "avgpool")
     return (f"{head} | ResNet blocks {compact(cfg.blocks)} channels {compact(cfg.channels)}{stem}, "
             f"{model.num_params():,} params | {device_text(cfg, device)} | {work} | files {files}")
 

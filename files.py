@@ -24,6 +24,7 @@ except ImportError:         # Windows: a byte-range lock through msvcrt instead 
 
 import torch
 
+import resnet
 from config import Config, UserError, check_value, validate
 
 FORMAT_VERSION = 1
@@ -238,8 +239,7 @@ def init_weights(cfg):
         theirs = config_from(ckpt)
     except UserError as e:
         raise UserError(f"config key 'init': {e}")
-    arch = ("blocks", "channels", "stem_stride")
-    mine, its = (" ".join(f"{k} {getattr(c, k)}" for k in arch) for c in (cfg, theirs))
+    mine, its = (" ".join(f"{k} {getattr(c, k)}" for k in resnet.ARCHITECTURE) for c in (cfg, theirs))
     if mine != its:
         raise UserError(f"config key 'init': {cfg.init} holds another architecture ({its}) than this run ({mine}): "
                         f"give the run the checkpoint's")

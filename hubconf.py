@@ -11,6 +11,7 @@ import pathlib as _pathlib
 import config as _config
 import engine as _engine
 import files as _files
+import resnet as _resnet
 
 dependencies = ["torch", "numpy"]
 
@@ -30,9 +31,9 @@ def _model(exp, pretrained, weights):
                                 f"--exp {exp}` and pass weights='out/{exp}.ckpt'")
     ckpt = _files.load_checkpoint(path)
     theirs = _files.config_from(ckpt)
-    if (theirs.blocks, theirs.channels, theirs.stem_stride) != (cfg.blocks, cfg.channels, cfg.stem_stride):
-        raise ValueError(f"{path} holds another architecture (blocks {theirs.blocks} channels {theirs.channels}) "
-                         f"than the {exp} recipe (blocks {cfg.blocks} channels {cfg.channels})")
+    mine, its = (", ".join(f"{k} {getattr(c, k)}" for k in _resnet.ARCHITECTURE) for c in (cfg, theirs))
+    if mine != its:
+        raise ValueError(f"{path} holds another architecture ({its}) than the {exp} recipe ({mine})")
     return _engine.model_from({**ckpt, "model": _files.trained_weights(ckpt)}).eval()
 
 

@@ -21,9 +21,10 @@ def whiten_(conv, images, eps=5e-4):
 
 
 class BasicBlock(nn.Module):
-    """Two 3x3 conv + BN layers with an identity (or 1x1 conv + BN projection) shortcut."""
+    """Two 3x3 conv + BN layers with an identity shortcut, or where the shape changes a 1x1 conv + BN projection:
+    strided ("conv"), or after a stride x stride average pool ("avgpool": ResNet-D's, which reads every pixel)."""
 
-    def __init__(self, c_in, c_out, stride):
+    def __init__(self, c_in, c_out, stride, shortcut="conv"):
         super().__init__()
         self.conv1 = nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False)
         self.bn1 = nn.BatchNorm2d(c_out)
@@ -31,7 +32,9 @@ class BasicBlock(nn.Module):
         self.bn2 = nn.BatchNorm2d(c_out)
         self.shortcut = nn.Identity()
         if stride != 1 or c_in != c_out:
-            self.shortcut = nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride, bias=False), nn.BatchNorm2d(c_out))
+            pool = [nn.AvgPool2d(stride, ceil_mode=True, count_include_pad=False)] * (shortcut == "avgpool" and stride > 1)
+            self.shortcut = nn.Sequential(*pool, nn.Conv2d(c_in, c_out, 1, 1 if pool else stride, bias=False),
+                                          nn.BatchNorm2d(c_out))
 
     def forward(self, x):
         out = torch.relu(self.bn1(self.conv1(x)))
@@ -43,7 +46,7 @@ class ResNet(nn.Module):
     """Stem conv, len(blocks) stages of BasicBlocks (stride 2 from the second stage), GAP, linear.
     stem_stride 1 is the report's 3x3 stem; s > 1 makes it an s x s patch conv of stride s."""
 
-    def __init__(self, blocks, channels, num_classes=100, stem_stride=1):
+    def __init__(self, blocks, channels, num_classes=100, stem_stride=1, shortcut="conv"):
         super().__init__()
         if len(blocks) != len(channels) or not blocks:
             raise ValueError(f"blocks {blocks} and channels {channels} must be non-empty and of equal length")
@@ -54,7 +57,7 @@ class ResNet(nn.Module):
         layers, c_in = [], channels[0]
         for stage, (n, c) in enumerate(zip(blocks, channels)):
             for i in range(n):
-                layers.append(BasicBlock(c_in, c, stride=2 if stage > 0 and i == 0 else 1))
+                layers.append(BasicBlock(c_in, c, stride=2 if stage > 0 and i == 0 else 1, shortcut=shortcut))
                 c_in = c
         self.layers = nn.Sequential(*layers)
         self.fc = nn.Linear(c_in, num_classes)
@@ -67,6 +70,9 @@ class ResNet(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
 
+ARCHITECTURE = ("blocks", "channels", "stem_stride", "shortcut")     # the config keys that shape the weights
+
+
 def from_config(cfg, num_classes=100):
     """The ResNet that a Config (or a checkpoint's config) describes."""
-    return ResNet(cfg.blocks, cfg.channels, num_classes, cfg.stem_stride)
+    return ResNet(cfg.blocks, cfg.channels, num_classes, cfg.stem_stride, cfg.shortcut)

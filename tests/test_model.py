@@ -24,6 +24,23 @@ def test_patch_stem_divides_every_stage_side_by_the_stem_stride():
     assert model(torch.randn(2, 3, 32, 32)).shape == (2, 10)
 
 
+def test_avgpool_shortcut_averages_each_2x2_patch_before_its_1x1_projection_as_resnet_d():
+    plain, d = (ResNet([1, 1], [8, 16], num_classes=10, shortcut=s) for s in ("conv", "avgpool"))
+    pool, conv, _ = d.layers[1].shortcut
+    assert isinstance(pool, torch.nn.AvgPool2d) and conv.stride == (1, 1) and conv.kernel_size == (1, 1)
+    assert d.num_params() == plain.num_params()
+    x = torch.randn(1, 8, 7, 7)       # an odd side: the pool's output has the strided convolution's
+    assert d.layers[1](x).shape == plain.layers[1](x).shape == (1, 16, 4, 4)
+    assert isinstance(d.layers[0].shortcut, torch.nn.Identity)
+
+
+def test_bad_shortcut_is_one_error_line(monkeypatch, capsys):
+    import run_train
+    from fault_helpers import main_error
+    assert "'shortcut' must be one of conv, avgpool" in main_error(run_train, ["--exp", "smoke", "--set",
+                                                                              "shortcut=pool"], monkeypatch, capsys)
+
+
 def test_bf16_precision_runs_the_convolutions_in_bf16_on_cpu_and_auto_stays_fp32():
     import devices
     conv, x = torch.nn.Conv2d(3, 4, 3), torch.randn(1, 3, 8, 8)

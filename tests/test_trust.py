@@ -196,8 +196,10 @@ def test_init_starts_from_the_checkpoints_weights_with_a_fresh_optimizer_and_sch
 
 @pytest.mark.parametrize("sets, message", [
     ([("channels", [8, 16])], "config key 'init': {ckpt} holds another architecture (blocks [1, 1] channels [16, 32] "
-                              "stem_stride 1) than this run (blocks [1, 1] channels [8, 16] stem_stride 1)"),
-    ([("stem_stride", 2)], "holds another architecture (blocks [1, 1] channels [16, 32] stem_stride 1)"),
+                              "stem_stride 1 shortcut conv) than this run (blocks [1, 1] channels [8, 16] stem_stride 1 "
+                              "shortcut conv)"),
+    ([("stem_stride", 2)], "holds another architecture (blocks [1, 1] channels [16, 32] stem_stride 1 shortcut conv)"),
+    ([("shortcut", "avgpool")], "than this run (blocks [1, 1] channels [16, 32] stem_stride 1 shortcut avgpool)"),
     ([("init", "{out}/missing.ckpt")], "config key 'init': checkpoint {out}/missing.ckpt not found"),
 ])
 def test_init_from_another_architecture_or_no_file_is_one_error_line_and_moves_nothing(
