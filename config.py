@@ -58,6 +58,9 @@ class Config:
     muon_momentum: float = 0.95    # muon: Nesterov momentum of the filters' updates
     muon_weight_decay: float = 0.0  # muon: decoupled weight decay of the filters (x Muon's LR each step)
     ns_steps: int = 5              # muon: Newton-Schulz iterations that orthogonalise each update
+    muon_normalize: bool = False   # muon: each filter bank rescaled to norm sqrt(out channels) before its step
+                                   # (airbench94_muon; BN follows every conv): the step's size relative to the filters
+                                   # stays what the schedule says instead of shrinking as they grow
     bn_bias_lr: float = 1.0        # LR multiplier of the BatchNorm biases (their weight decay per step unchanged)
     label_smoothing: float = 0.0
     batch_size: int = 128

@@ -31,6 +31,7 @@ def make_optimizer(model, cfg, precision="fp32"):
         filters = [p for p in model.parameters() if p.ndim == 4]
         muon = Muon([{"params": filters, "lr_scale": cfg.muon_lr / cfg.lr}], lr=cfg.muon_lr,
                     momentum=cfg.muon_momentum, weight_decay=cfg.muon_weight_decay, ns_steps=cfg.ns_steps,
+                    normalize=cfg.muon_normalize,
                     ns_dtype=torch.bfloat16 if precision == "bf16" else torch.float32)
         sgd = torch.optim.SGD(param_groups(model, cfg, keep=lambda p: p.ndim != 4), lr=cfg.lr, momentum=cfg.momentum,
                               weight_decay=cfg.weight_decay, nesterov=cfg.momentum > 0, **fused)
@@ -80,8 +81,10 @@ class Muon(torch.optim.Optimizer):
     leaves weights and momentum as they were where found_inf is set, on the device, without waiting on it."""
     _step_supports_amp_scaling = True
 
-    def __init__(self, params, lr, momentum=0.95, weight_decay=0.0, ns_steps=5, ns_dtype=torch.float32):
-        super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay, ns_steps=ns_steps))
+    def __init__(self, params, lr, momentum=0.95, weight_decay=0.0, ns_steps=5, normalize=False,
+                 ns_dtype=torch.float32):
+        super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay, ns_steps=ns_steps,
+                                      normalize=normalize))
         self.ns_dtype = ns_dtype
 
     @torch.no_grad()
@@ -101,6 +104,8 @@ class Muon(torch.optim.Optimizer):
                 buf.lerp_(grad, 1 - momentum)
                 update = orthogonalize(grad.lerp(buf, momentum), group["ns_steps"], self.ns_dtype)
                 p.mul_(1 - lr * group["weight_decay"])
+                if group.get("normalize"):      # airbench94_muon: the filters at norm sqrt(out) before each step
+                    p.mul_(len(p) ** 0.5 / p.norm().clamp(min=1e-7))
                 rows, cols = update.shape
                 p.add_(from_matrix(update.to(p.dtype), p.shape), alpha=-lr * max(1.0, rows / cols) ** 0.5)
                 if before is not None:      # the step of an overflowed fp16 backward is skipped

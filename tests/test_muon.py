@@ -61,7 +61,8 @@ def test_wsd_warms_up_holds_then_decays_linearly_over_the_cooldown():
     ("muon_lr=0", "'muon_lr' must be > 0"), ("ns_steps=0", "'ns_steps' must be > 0"),
     ("muon_momentum=1", "'muon_momentum' must be in [0, 1)"), ("cooldown=1.5", "'cooldown' must be in [0, 1]"),
     ("ns_steps=2.5", "'ns_steps' must be int"),
-    ("muon_weight_decay=-1", "'muon_weight_decay' must be >= 0"), ("optimizer=lion", "'optimizer' must be one of")])
+    ("muon_weight_decay=-1", "'muon_weight_decay' must be >= 0"), ("optimizer=lion", "'optimizer' must be one of"),
+    ("muon_normalize=2", "'muon_normalize' must be bool")])
 def test_bad_muon_and_schedule_values_are_one_error_line(setting, words, monkeypatch, capsys):
     assert words in main_error(run_train, ["--exp", "smoke", "--set", setting], monkeypatch, capsys)
 
@@ -124,3 +125,18 @@ def test_scaled_steps_equal_plain_steps_and_one_that_overflowed_changes_nothing(
     scaled_step(plain, plain_opt, torch.amp.GradScaler("cpu", enabled=False))
     scaled_step(model, opt, scaler)       # at half the scale: the momentum holds unscaled gradients
     assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(model.parameters(), plain.parameters()))
+
+
+def test_muon_normalize_makes_the_step_independent_of_the_filters_scale():
+    def stepped(scale, normalize):
+        torch.manual_seed(0)
+        conv = torch.nn.Conv2d(6, 8, 3, bias=False)
+        with torch.no_grad():
+            conv.weight.mul_(scale)
+        opt = optim.Muon(conv.parameters(), lr=0.1, normalize=normalize)
+        conv.weight.grad = torch.randn(8, 6, 3, 3)
+        opt.step()
+        return conv.weight.detach()
+    assert torch.allclose(stepped(1.0, True), stepped(10.0, True), atol=1e-5)
+    assert stepped(1.0, True).norm() == pytest.approx((8 + 0.1 ** 2 * 8) ** 0.5, rel=0.05)    # sqrt(out) and U
+    assert not torch.allclose(stepped(1.0, False), stepped(10.0, False) / 10, atol=1e-3)
