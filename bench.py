@@ -126,7 +126,7 @@ def profile_step(cfg, device, precision, x, y, rows=25):
 # ----------------------------------------------------------------------------
 
 def table(result):
-    """The result as Markdown tables: training modes, then input pipelines."""
+    """The result as Markdown tables: training modes, then input pipelines and augmentations (bench_pipeline's)."""
     lines = ["| mode | precision | img/s | vs eager fp32 | compile s | note |",
              "| --- | --- | --: | --: | --: | --- |"]
     for m in result["modes"]:
@@ -135,20 +135,7 @@ def table(result):
         compile_s = f"{m['compile_s']:.1f}" if m["compile_s"] is not None else ""
         precision = m["precision"] if m["img_per_s"] else "-"
         lines.append(f"| {m['label']} | {precision} | {rate} | {ratio} | {compile_s} | {m['status']} |")
-    p = result["pipeline"]
-    if p:
-        lines += ["", "| input pipeline | img/s | ratio |", "| --- | --: | --: |",
-                  f"| ours: data.train_batches, crop + flip + normalise batched on {result['device']} | "
-                  f"{p['ours_img_per_s']:,.0f} | {result['pipeline_speedup']:.1f}x |",
-                  f"| report: torchvision transforms per PIL image, DataLoader with {p['workers']} workers | "
-                  f"{p['report_img_per_s']:,.0f} | 1.0x |"]
-    if result["augmentation"]:
-        lines += ["", f"| augmentation (data.train_batches on {result['device']}, batch {result['batch_size']}) | img/s "
-                  f"| vs crop + flip |", "| --- | --: | --: |"]
-        for a in result["augmentation"]:
-            ratio = f"{a['ratio']:.2f}x" if a["ratio"] else "-"
-            lines.append(f"| {a['label']} | {a['img_per_s']:,} | {ratio} |")
-    return "\n".join(lines)
+    return "\n".join(lines + bench_pipeline.table_lines(result))
 
 
 def parse_args():

@@ -86,6 +86,25 @@ def time_augmentations(x, y, batch_size, keys, groups):
     return rows
 
 
+
+def table_lines(result):
+    """bench.json's pipeline and augmentation figures as Markdown table lines (none where they were not timed)."""
+    lines, p = [], result["pipeline"]
+    if p:
+        lines += ["", "| input pipeline | img/s | ratio |", "| --- | --: | --: |",
+                  f"| ours: data.train_batches, crop + flip + normalise batched on {result['device']} | "
+                  f"{p['ours_img_per_s']:,.0f} | {result['pipeline_speedup']:.1f}x |",
+                  f"| report: torchvision transforms per PIL image, DataLoader with {p['workers']} workers | "
+                  f"{p['report_img_per_s']:,.0f} | 1.0x |"]
+    if result["augmentation"]:
+        lines += ["", f"| augmentation (data.train_batches on {result['device']}, batch {result['batch_size']}) | img/s "
+                  f"| vs crop + flip |", "| --- | --: | --: |"]
+        for a in result["augmentation"]:
+            ratio = f"{a['ratio']:.2f}x" if a["ratio"] else "-"
+            lines.append(f"| {a['label']} | {a['img_per_s']:,} | {ratio} |")
+    return lines
+
+
 def measure(args, cfg, device, x, y):
     """Our input pipeline against the report's, then each augmentation's cost, as bench.py's arguments ask: the
     "pipeline", "pipeline_speedup" and "augmentation" figures of bench.json."""

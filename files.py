@@ -239,7 +239,7 @@ def init_weights(cfg):
         theirs = config_from(ckpt)
     except UserError as e:
         raise UserError(f"config key 'init': {e}")
-    mine, its = (" ".join(f"{k} {getattr(c, k)}" for k in resnet.ARCHITECTURE) for c in (cfg, theirs))
+    mine, its = resnet.architecture(cfg), resnet.architecture(theirs)
     if mine != its:
         raise UserError(f"config key 'init': {cfg.init} holds another architecture ({its}) than this run ({mine}): "
                         f"give the run the checkpoint's")

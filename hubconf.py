@@ -31,7 +31,7 @@ def _model(exp, pretrained, weights):
                                 f"--exp {exp}` and pass weights='out/{exp}.ckpt'")
     ckpt = _files.load_checkpoint(path)
     theirs = _files.config_from(ckpt)
-    mine, its = (", ".join(f"{k} {getattr(c, k)}" for k in _resnet.ARCHITECTURE) for c in (cfg, theirs))
+    mine, its = _resnet.architecture(cfg), _resnet.architecture(theirs)
     if mine != its:
         raise ValueError(f"{path} holds another architecture ({its}) than the {exp} recipe ({mine})")
     return _engine.model_from({**ckpt, "model": _files.trained_weights(ckpt)}).eval()

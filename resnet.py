@@ -73,6 +73,11 @@ class ResNet(nn.Module):
 ARCHITECTURE = ("blocks", "channels", "stem_stride", "shortcut")     # the config keys that shape the weights
 
 
+def architecture(cfg):
+    """What shapes a config's weights, as text: two configs whose texts differ hold weights of another shape."""
+    return " ".join(f"{k} {getattr(cfg, k)}" for k in ARCHITECTURE)
+
+
 def from_config(cfg, num_classes=100):
     """The ResNet that a Config (or a checkpoint's config) describes."""
     return ResNet(cfg.blocks, cfg.channels, num_classes, cfg.stem_stride, cfg.shortcut)

@@ -81,7 +81,8 @@ def train_locked(cfg, device, paths, resume, log):
             log(f"{cfg.name} already finished ({paths['last']}); nothing to do")
             return summary if main else None
     init = files.init_weights(cfg) if cfg.init and not state else None      # checked before anything is moved or read
-    run, first_batch = prepare(cfg, paths, device, init, state.get("precision") if state else None)
+    kept = state and state.get("precision")     # the precision chosen at the start, whatever auto says now
+    run, first_batch = prepare(cfg, paths, device, init, kept)
     size_budget(run, state, log)
     if state and run.budget and asked_epochs != run.cfg.epochs:
         log(f"budget_s {cfg.budget_s:g} as at its start: its {run.cfg.epochs} epochs kept, not the {asked_epochs} "
@@ -92,7 +93,6 @@ def train_locked(cfg, device, paths, resume, log):
         head, started = fresh_start(run.cfg, resume) if main else "", files.now()
     cfg, steps = run.cfg, data.steps_per_epoch(len(run.d["train"][0]), run.cfg.batch_size)
     ranks = f" on {distributed.world()} processes ({distributed.backend()})" if distributed.world() > 1 else ""
-    kept = state and state.get("precision")     # the precision chosen at the start, whatever auto says now
     shown = dataclasses.replace(cfg, precision=kept) if kept else cfg
     log(console.run_line(head, shown, run.t.model, device, f"{cfg.epochs} epochs x {steps} steps of batch "
                          f"{cfg.batch_size}{ranks}" + (f", in {kept} as chosen at its start" if kept else ""),
@@ -144,8 +144,7 @@ def size_budget(run, state, log):
     if cfg.budget_s and not state:
         img_per_s = engine.measure_speed(t.model, t.compiled, cfg, *run.d["train"], t.precision, t.ema,
                                          len(run.d["classes"]))
-        t.cfg = dataclasses.replace(cfg, epochs=console.budget_epochs(cfg.budget_s, img_per_s,
-                                                                                 len(run.d["train"][0])))
+        t.cfg = dataclasses.replace(cfg, epochs=console.budget_epochs(cfg.budget_s, img_per_s, len(run.d["train"][0])))
         run.budget = {"budget_img_per_s": round(img_per_s, 1), "budget_epochs": run.cfg.epochs}
     if run.budget:
         log(console.budget_line(cfg.budget_s, run.budget["budget_epochs"], run.budget["budget_img_per_s"]))
