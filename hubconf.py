@@ -38,7 +38,7 @@ def _model(exp, pretrained, weights):
 
 
 def cpu(pretrained=False, weights=None):
-    """The `cpu` recipe's ResNet (blocks [2,2,2], channels [64,128,256], 2x2 patch stem)."""
+    """The `cpu` recipe's ResNet (blocks [2,2,2], channels [48,96,192], 2x2 patch stem, ResNet-D shortcuts)."""
     return _model("cpu", pretrained, weights)
 
 
