@@ -44,6 +44,7 @@ def test_hub_refuses_a_checkpoint_of_another_architecture(tmp_path):
         torch.hub.load(REPO, "cpu5", source="local", pretrained=True, weights=str(path))
 
 
-def test_the_shipped_cpu5_weights_load():
-    model = torch.hub.load(REPO, "cpu5", source="local", pretrained=True)
+@pytest.mark.parametrize("exp", ["cpu", "cpu5"])
+def test_the_shipped_weights_load_into_the_recipes_model(exp):
+    model = torch.hub.load(REPO, exp, source="local", pretrained=True)
     assert model.fc.out_features == 100 and not model.training
