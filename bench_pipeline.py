@@ -86,7 +86,6 @@ def time_augmentations(x, y, batch_size, keys, groups):
     return rows
 
 
-
 def table_lines(result):
     """bench.json's pipeline and augmentation figures as Markdown table lines (none where they were not timed)."""
     lines, p = [], result["pipeline"]
@@ -97,8 +96,8 @@ def table_lines(result):
                   f"| report: torchvision transforms per PIL image, DataLoader with {p['workers']} workers | "
                   f"{p['report_img_per_s']:,.0f} | 1.0x |"]
     if result["augmentation"]:
-        lines += ["", f"| augmentation (data.train_batches on {result['device']}, batch {result['batch_size']}) | img/s "
-                  f"| vs crop + flip |", "| --- | --: | --: |"]
+        lines += ["", f"| augmentation (data.train_batches on {result['device']}, batch {result['batch_size']}) "
+                  f"| img/s | vs crop + flip |", "| --- | --: | --: |"]
         for a in result["augmentation"]:
             ratio = f"{a['ratio']:.2f}x" if a["ratio"] else "-"
             lines.append(f"| {a['label']} | {a['img_per_s']:,} | {ratio} |")
