@@ -1,6 +1,7 @@
 """One Config dataclass for every setting, and experiments.json read into it.
 
-Precedence: dataclass defaults < experiments.json "defaults" < the experiment's entry < command line.
+Precedence: dataclass defaults < experiments.json "defaults" < the experiment its "base" names (if any: its keys
+but its note, bases of bases too) < the experiment's entry < command line.
 
     python config.py best          # print the resolved config of an experiment
 """
@@ -209,14 +210,29 @@ def parse_set(item):
     return key.strip(), value
 
 
+def experiment_entry(experiments, exp, chain=()):
+    """The keys of experiment `exp`: those of the experiment its "base" names (all but its note), then its own."""
+    if exp not in experiments:
+        what = f"experiment '{chain[-1]}' names base '{exp}', which is no experiment" if chain else \
+            f"unknown experiment '{exp}'"
+        raise UserError(f"{what}{suggest(exp, experiments)}; known: {', '.join(experiments)}")
+    if exp in chain:
+        raise UserError(f"experiments' bases go round in a circle: {' -> '.join([*chain, exp])}")
+    entry = dict(experiments[exp])
+    base = entry.pop("base", None)
+    if base is None:
+        return entry
+    if not isinstance(base, str):
+        raise UserError(f"experiment '{exp}': \"base\" must name an experiment, got {base!r}")
+    inherited = {k: v for k, v in experiment_entry(experiments, base, (*chain, exp)).items() if k != "note"}
+    return {**inherited, **entry}
+
+
 def resolve(exp, overrides=(), path=EXPERIMENTS_FILE):
     """The Config of experiment `exp` from experiments.json with `overrides` (key, value) pairs applied."""
     doc = read_experiments(path)
-    experiments = doc["experiments"]
-    if exp not in experiments:
-        raise UserError(f"unknown experiment '{exp}'{suggest(exp, experiments)}; known: {', '.join(experiments)}")
     values = {}
-    for source in (doc.get("defaults", {}), experiments[exp], dict(overrides)):
+    for source in (doc.get("defaults", {}), experiment_entry(doc["experiments"], exp), dict(overrides)):
         for key, value in source.items():
             values[key] = check_value(key, value)
     values.setdefault("name", exp)

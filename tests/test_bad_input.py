@@ -91,6 +91,11 @@ def test_command_line_mistakes_are_one_line_naming_the_key(work, monkeypatch, ca
     ('{"experiments": {"x": {"warmup": 1.5}}}', "config key 'warmup' must be in [0, 1), got 1.5"),
     ('{"experiments": {"x": [1, 2]}}', 'expected {"defaults": {...}, "experiments": {"<name>": {...}}}'),
     ('{"experiments": {"y": {}}}', "unknown experiment 'x'; known: y"),
+    ('{"experiments": {"x": {"base": "yy"}, "y": {}}}',
+     "experiment 'x' names base 'yy', which is no experiment (did you mean 'y'?); known: x, y"),
+    ('{"experiments": {"x": {"base": "y"}, "y": {"base": "x"}}}',
+     "experiments' bases go round in a circle: x -> y -> x"),
+    ('{"experiments": {"x": {"base": ["y"]}, "y": {}}}', "experiment 'x': \"base\" must name an experiment, got ['y']"),
 ])
 def test_experiments_file_mistakes_are_one_line_with_where(work, monkeypatch, capsys, text, expected):
     w, args = work

@@ -148,7 +148,8 @@ def test_a_python_without_its_headers_runs_eager_on_a_cpu_and_says_why(compiler_
 
 def test_no_recipe_forces_compile_past_autos_checks():
     recipes = config.read_experiments()["experiments"]
-    assert not [name for name, recipe in recipes.items() if recipe.get("compile", "auto") not in ("auto", "off")]
+    assert not [name for name in recipes if config.experiment_entry(recipes, name).get("compile", "auto")
+                not in ("auto", "off")]
 
 
 def test_auto_on_a_cpu_is_bf16_only_where_torch_runs_it_natively_and_faster_than_fp32(monkeypatch):
@@ -243,7 +244,7 @@ def test_the_cpu_recipe_is_fp32_on_a_cpu_held_to_avx2_and_leaves_precision_to_au
     proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and ", auto fp32: " in proc.stdout, proc.stderr
     recipes = config.read_experiments()["experiments"]
-    assert not [name for name, recipe in recipes.items() if "precision" in recipe]
+    assert not [name for name in recipes if "precision" in config.experiment_entry(recipes, name)]
 
 
 def test_autocast_runs_the_convolutions_in_the_precision_chosen():

@@ -199,6 +199,17 @@ def test_config_precedence_and_compile_default():
     assert not devices.use_compile(config.resolve("report", [("compile", "off")]), cpu)
 
 
+def test_an_experiment_takes_the_keys_of_its_base_but_not_its_note(tmp_path):
+    path = tmp_path / "experiments.json"
+    path.write_text(json.dumps({"defaults": {"lr": 0.1}, "experiments": {
+        "a": {"epochs": 3, "batch_size": 64, "note": "a's result"},
+        "b": {"base": "a", "batch_size": 32},
+        "c": {"base": "b", "lr": 0.2, "note": "c's result"}}}))
+    b, c = config.resolve("b", path=path), config.resolve("c", [("epochs", 5)], path=path)
+    assert (b.lr, b.epochs, b.batch_size, b.note, b.name) == (0.1, 3, 32, "", "b")
+    assert (c.lr, c.epochs, c.batch_size, c.note, c.name) == (0.2, 5, 32, "c's result", "c")
+
+
 @pytest.mark.parametrize("args, message", [
     (["--exp", "nope"], "unknown experiment 'nope'.*known: report"),
     (["--exp", "smoke", "--set", "lr=-1"], "'lr' must be > 0"),
