@@ -16,7 +16,7 @@ import resnet as _resnet
 dependencies = ["torch", "numpy"]
 
 _ROOT = _pathlib.Path(__file__).resolve().parent
-_WEIGHTS = {"cpu": "results/2026-12-06-epyc-zen4-accuracy-per-flop/cpu/cpu.ckpt",
+_WEIGHTS = {"cpu": "results/2026-12-06-epyc-zen4-accuracy-per-flop/cpu-momentum90/cpu.ckpt",
             "cpu5": "results/2026-12-05-epyc-zen4-accuracy-per-flop/cpu5/cpu5.ckpt"}
 
 
